@@ -1,0 +1,92 @@
+"""Settings of the online merge, validated when they are built."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping
+
+Method = Literal["dare", "ties", "none"]
+
+_CHOICES = {
+    "method": ("dare", "ties", "none"),
+    "reference_mask": ("fixed", "resampled"),
+    "sign_election": ("unweighted", "weighted"),
+    "ties_scope": ("shard", "tensor"),
+}
+
+
+@dataclass(frozen=True)
+class OnlineMergeConfig:
+    """How each optimizer step is merged with the reference delta (SFT minus base).
+
+    Defaults reproduce the public reference implementation; the paper's readings are options.
+    See docs/algorithm.md for every field.
+    """
+
+    method: Method = "dare"
+    keep_rate: float = 0.01
+    """p: fraction of elements kept by the sparsifier (Bernoulli rate for DARE, top-p for TIES)."""
+    alpha: float = 1e-7
+    """Merge weight of the reference delta; the update is weighted 1 - alpha. 0 = gradient dropout."""
+    merge_every: int = 1
+    """K of the paper's Algorithm 2: plain steps are accumulated and merged every K-th step."""
+    dare_rescale: bool = True
+    """Scale kept DARE elements by 1/p (reference code), making the sparsifier unbiased."""
+    l1_rescale: bool = False
+    """Scale the sparsified update to the L1 norm of the dense one, then clamp to [-1, 1]."""
+    reference_clamp: float | None = 1.0
+    """Clamp the sparsified reference delta to [-c, c] (reference code: 1.0); None disables it."""
+    reference_mask: Literal["fixed", "resampled"] = "fixed"
+    """'fixed': the reference delta's mask is drawn once (reference code); 'resampled': every merge."""
+    sign_election: Literal["unweighted", "weighted"] = "unweighted"
+    """TIES consensus on raw sparsified terms (reference code) or on alpha-weighted ones (paper Eq. 7)."""
+    ties_scope: Literal["shard", "tensor"] = "shard"
+    """TIES top-p over the piece a rank owns (no collective) or over the whole tensor (exact)."""
+    seed: int = 0
+    """Key of the counter-based keep-masks; masks never depend on RNG stream state."""
+    weight_ema: float = 0.0
+    """Baseline, not a merge: keep an exponential moving average of the weights (paper: 1e-3)."""
+
+    def __post_init__(self) -> None:
+        for key, allowed in _CHOICES.items():
+            value = getattr(self, key)
+            if value not in allowed:
+                raise ValueError(f"online merge: {key} must be one of {allowed}, got {value!r}")
+        if not (isinstance(self.keep_rate, (int, float)) and 0.0 < self.keep_rate <= 1.0):
+            raise ValueError(f"online merge: keep_rate must be in (0, 1], got {self.keep_rate!r}")
+        if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
+            raise ValueError(f"online merge: alpha must be in [0, 1], got {self.alpha!r}")
+        if isinstance(self.merge_every, bool) or not isinstance(self.merge_every, int) or self.merge_every < 1:
+            raise ValueError(f"online merge: merge_every must be an integer >= 1, got {self.merge_every!r}")
+        if self.reference_clamp is not None and not (
+            isinstance(self.reference_clamp, (int, float)) and self.reference_clamp > 0 and math.isfinite(self.reference_clamp)
+        ):
+            raise ValueError(f"online merge: reference_clamp must be a positive number or None, got {self.reference_clamp!r}")
+        if not (isinstance(self.weight_ema, (int, float)) and 0.0 <= self.weight_ema < 1.0):
+            raise ValueError(f"online merge: weight_ema must be in [0, 1), got {self.weight_ema!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"online merge: seed must be a non-negative integer, got {self.seed!r}")
+
+    @property
+    def merges(self) -> bool:
+        """True when steps are sparsified/merged at all (method is not 'none')."""
+        return self.method != "none"
+
+    @property
+    def needs_reference(self) -> bool:
+        """A reference delta is needed unless nothing is merged or alpha is 0 (gradient dropout)."""
+        return self.merges and self.alpha > 0.0
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], where: str = "online merge config") -> "OnlineMergeConfig":
+        """Build from a mapping (YAML, CLI), naming any unknown key."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -66,6 +66,8 @@ class OnlineMergeConfig:
             raise ValueError(f"online merge: reference_clamp must be a positive number or None, got {self.reference_clamp!r}")
         if not (isinstance(self.weight_ema, (int, float)) and 0.0 <= self.weight_ema < 1.0):
             raise ValueError(f"online merge: weight_ema must be in [0, 1), got {self.weight_ema!r}")
+        if self.method == "ties" and self.reference_mask == "resampled":
+            raise ValueError("online merge: reference_mask='resampled' has no meaning with method='ties' (the top-p of a fixed delta is fixed)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"online merge: seed must be a non-negative integer, got {self.seed!r}")
 

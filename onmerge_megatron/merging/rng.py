@@ -10,8 +10,8 @@ A Bernoulli(p) mask is drawn sparsely: the global index space is cut into blocks
 (which is exactly an i.i.d. Bernoulli(p) mask). Philox call j of block b, counter
 (j, b, step, stream), gives the block's gaps 4j .. 4j+3, one per 32-bit output word. A shard draws the blocks its indices touch and keeps the positions it owns,
 so a step costs O(p * n), not O(n), and the result does not depend on how the tensor is cut.
-Geometric gaps are found by searching a table of the geometric CDF built once on the CPU in
-float64, so no transcendental function whose last bit could differ between devices is involved.
+A gap is read off integer thresholds of the geometric CDF on the 32-bit word, built once on the
+CPU, so no transcendental function whose last bit could differ between devices is involved.
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ def philox4x32(counter: list[torch.Tensor], key: tuple[int, int], rounds: int = 
         if r:
             k0, k1 = (k0 + _PHILOX_W0) & _MASK32, (k1 + _PHILOX_W1) & _MASK32
         # Products of two 32-bit words wrap in int64; the masks recover the exact high/low words.
-        p0 = c0 * _PHILOX_M0
-        p1 = c2 * _PHILOX_M1
-        hi0, lo0 = (p0 >> 32) & _MASK32, p0 & _MASK32
-        hi1, lo1 = (p1 >> 32) & _MASK32, p1 & _MASK32
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        lo0 = c0 * _PHILOX_M0
+        lo1 = c2 * _PHILOX_M1
+        hi0 = (lo0 >> 32).bitwise_and_(_MASK32).bitwise_xor_(c3).bitwise_xor_(k1)
+        hi1 = (lo1 >> 32).bitwise_and_(_MASK32).bitwise_xor_(c1).bitwise_xor_(k0)
+        c0, c1, c2, c3 = hi1, lo1.bitwise_and_(_MASK32), hi0, lo0.bitwise_and_(_MASK32)
     return [c0, c1, c2, c3]
 
 
@@ -58,19 +58,36 @@ def mask_key(seed: int, name: str) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=16)
-def _geometric_cdf(keep_rate: float) -> torch.Tensor:
-    """table[g - 1] = P(gap <= g) = 1 - (1 - p)^g, up to the gap that a 32-bit uniform can reach."""
-    # Past (1 - p)^g < 2^-33 no 32-bit uniform (at most 1 - 2^-32) lies above the table; gaps past
-    # a block are all alike, so BLOCK entries are enough too.
+def _gap_tables(keep_rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer thresholds of the geometric(p) gap on a 32-bit word, and a lookup by the top 16 bits.
+
+    gap(w) = 1 + #{g : thresholds[g] <= w}, thresholds[g - 1] = ceil((1 - (1 - p)^g) * 2^32), which is
+    P(gap <= g) to within 2^-32. A word's top 16 bits pin its gap down unless a threshold falls
+    inside its bucket; such buckets are marked -1 and searched.
+    """
+    # Past (1 - p)^g < 2^-33 no word lies above the table; gaps past a block are all alike.
     reach = math.ceil(33 * math.log(2) / -math.log1p(-keep_rate)) + 1
     g = torch.arange(1, min(BLOCK, reach) + 1, dtype=torch.float64)
-    return -torch.expm1(g * math.log1p(-keep_rate))
+    thresholds = torch.ceil(-torch.expm1(g * math.log1p(-keep_rate)) * 2.0**32).to(torch.int64)
+    bucket_lo = torch.arange(1 << 16, dtype=torch.int64) << 16
+    gap_lo = torch.searchsorted(thresholds, bucket_lo, right=True) + 1
+    gap_hi = torch.searchsorted(thresholds, bucket_lo + 0xFFFF, right=True) + 1
+    return thresholds, torch.where(gap_lo == gap_hi, gap_lo, -1)
+
+
+def _gaps(words: torch.Tensor, keep_rate: float) -> torch.Tensor:
+    thresholds, lookup = _gap_tables(keep_rate)
+    thresholds, lookup = thresholds.to(words.device), lookup.to(words.device)
+    gaps = lookup[words >> 16]
+    unresolved = gaps < 0
+    if unresolved.any():
+        gaps[unresolved] = torch.searchsorted(thresholds, words[unresolved], right=True) + 1
+    return gaps
 
 
 def _block_positions(key: tuple[int, int], step: int, stream: int, blocks: torch.Tensor, keep_rate: float) -> torch.Tensor:
     """Sorted global indices kept in the given blocks (int64)."""
     device = blocks.device
-    cdf = _geometric_cdf(keep_rate).to(device)
     expected = keep_rate * BLOCK
     # Philox calls per block and round: enough that a second round is needed about once in 10^5 blocks.
     calls = int((expected + 4.5 * math.sqrt(expected) + 8) / 4) + 1
@@ -88,9 +105,7 @@ def _block_positions(key: tuple[int, int], step: int, stream: int, blocks: torch
         ]
         # Each Philox call gives four 32-bit words: four consecutive gaps.
         words = torch.stack(philox4x32(ctr, key), dim=-1).reshape(rows, 4 * calls)
-        uniform = words.to(torch.float64) * 2.0**-32
-        gaps = torch.searchsorted(cdf, uniform, right=True) + 1
-        pos = cursor[:, None] + torch.cumsum(gaps, dim=1)
+        pos = cursor[:, None] + torch.cumsum(_gaps(words, keep_rate), dim=1)
         inside = pos < BLOCK
         found.append(pos[inside] + (active * BLOCK).repeat_interleave(inside.sum(dim=1)))
         more = inside[:, -1]  # the block's end was not reached: draw the next gaps

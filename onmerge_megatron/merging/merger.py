@@ -1,0 +1,180 @@
+"""One merged step on one segment: what happens to the elements a rank owns of one tensor.
+
+    OnDARE:  theta <- theta + (1 - alpha) F(update);  theta <- theta + alpha F(reference_delta)
+    OnTIES:  theta <- theta + sign_consensus((1 - alpha) F(update), alpha F(reference_delta))
+
+with the step-K rule of the paper's Algorithm 2: on K - 1 of every K steps the plain update is
+applied and accumulated; on the K-th the accumulated updates are rolled back and merged together
+with this step's. Decoupled weight decay is the optimizer's business and happens before.
+
+The update is asked for only where it is needed: OnDARE needs it at the kept positions alone
+(about p of the elements), so a merged step costs no more than the moment updates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from . import consensus, rng
+from .config import OnlineMergeConfig
+from .coords import ShardCoords
+from .reference import ReferenceDelta
+from .sparsify import Exchange, dare_rescale, l1_rescale, ties_positions
+
+
+class Update(Protocol):
+    """The inner optimizer's update of one segment, excluding weight decay."""
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        """The update at some positions; must equal dense()[positions] bit for bit."""
+        ...
+
+    def dense(self) -> torch.Tensor: ...
+
+    def magnitude(self) -> torch.Tensor:
+        """|dense()|, possibly computed without materialising dense()."""
+        ...
+
+
+@dataclass
+class DenseUpdate:
+    """An update already materialised (generic optimizers: theta_new - theta_old)."""
+
+    values: torch.Tensor
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.values[positions]
+
+    def dense(self) -> torch.Tensor:
+        return self.values
+
+    def magnitude(self) -> torch.Tensor:
+        return self.values.abs()
+
+
+@dataclass
+class _WithAccumulator:
+    """This step's update plus the plain updates accumulated since the last merge."""
+
+    update: Update
+    accumulator: torch.Tensor
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.update.at(positions) + self.accumulator[positions]
+
+    def dense(self) -> torch.Tensor:
+        return self.update.dense() + self.accumulator
+
+    def magnitude(self) -> torch.Tensor:
+        return self.dense().abs_()
+
+
+@dataclass
+class MergeStats:
+    """Counts and squared norms summed over the segments merged in a step (for logging)."""
+
+    numel: int = 0
+    kept: int = 0
+    reference_kept: int = 0
+    sign_conflicts: int = 0
+    merged_sq: float = 0.0
+    update_sq: float = 0.0
+    merges: int = 0
+
+    def add(self, other: "MergeStats") -> None:
+        for name in ("numel", "kept", "reference_kept", "sign_conflicts", "merged_sq", "update_sq", "merges"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def as_dict(self) -> dict[str, float]:
+        """Summary values: kept fraction, norms of the update before and after merging, conflicts."""
+        return {
+            "kept_fraction": self.kept / self.numel if self.numel else 0.0,
+            "update_norm": self.update_sq**0.5,
+            "merged_norm": self.merged_sq**0.5,
+            "sign_conflict_rate": self.sign_conflicts / self.kept if self.kept else 0.0,
+        }
+
+
+def _sparsified_update(
+    update: Update, config: OnlineMergeConfig, name: str, coords: ShardCoords, step: int, exchange: Exchange | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, values) of F(update)."""
+    if config.method == "dare":
+        positions = rng.keep_positions(config.seed, name, step, rng.STREAM_UPDATE, coords, config.keep_rate)
+        values = update.at(positions)
+        if config.dare_rescale:
+            values = dare_rescale(values, config.keep_rate)
+    else:
+        positions = ties_positions(update.magnitude(), config.keep_rate, config.ties_scope, coords, exchange, name)
+        values = update.at(positions)
+    if config.l1_rescale:
+        values = l1_rescale(values, update.dense())
+    return positions, values
+
+
+def merge_segment(
+    param: torch.Tensor,
+    update: Update,
+    config: OnlineMergeConfig,
+    name: str,
+    coords: ShardCoords,
+    step: int,
+    reference: ReferenceDelta | None = None,
+    accumulator: torch.Tensor | None = None,
+    exchange: Exchange | None = None,
+    track_update_norm: bool = False,
+) -> MergeStats:
+    """Apply step ``step`` (1-based) of the online merge to ``param`` (1-D view of the segment), in place.
+
+    ``accumulator`` is the step-K state (same shape as param; needed when merge_every > 1).
+    ``exchange`` gathers top-k candidates across ranks for ties_scope='tensor' on a shard.
+    """
+    stats = MergeStats(numel=param.numel())
+    if not config.merges:
+        param.add_(update.dense())
+        return stats
+    if config.merge_every > 1:
+        if accumulator is None:
+            raise ValueError(f"{name!r}: merge_every={config.merge_every} needs an accumulator")
+        if step % config.merge_every != 0:
+            plain = update.dense()
+            param.add_(plain)
+            accumulator.add_(plain)
+            return stats
+        param.sub_(accumulator)  # roll back the plain updates; they are merged with this one
+        update = _WithAccumulator(update, accumulator)
+
+    positions, values = _sparsified_update(update, config, name, coords, step, exchange)
+    stats.kept, stats.merges = positions.numel(), 1
+    if track_update_norm:
+        stats.update_sq = float(update.magnitude().double().square().sum())
+    if config.alpha > 0.0:
+        if reference is None:
+            raise ValueError(f"{name!r}: alpha={config.alpha} needs a reference delta; call set_reference_delta first")
+        reference_positions, reference_values = reference.kept(config, name, coords, step)
+        stats.reference_kept = reference_positions.numel()
+    else:
+        reference_positions, reference_values = positions[:0], values[:0]
+
+    if config.method == "dare":
+        # Linear consensus needs no alignment of the two kept sets: theta += (1 - a) F(u), then += a F(r).
+        step_update = values * (1.0 - config.alpha)
+        param[positions] += step_update
+        step_reference = reference_values * config.alpha
+        param[reference_positions] += step_reference
+        stats.merged_sq = float(step_update.double().square().sum() + step_reference.double().square().sum())
+    else:
+        union, inverse = torch.unique(torch.cat([positions, reference_positions]), return_inverse=True)
+        update_at = values.new_zeros(union.numel()).index_put_((inverse[: positions.numel()],), values)
+        reference_at = values.new_zeros(union.numel()).index_put_((inverse[positions.numel() :],), reference_values)
+        elect = consensus.sign_weighted if config.sign_election == "weighted" else consensus.sign_unweighted
+        step_values = elect(update_at, reference_at, config.alpha)
+        param[union] += step_values
+        stats.sign_conflicts = consensus.sign_conflicts(update_at, reference_at)
+        stats.merged_sq = float(step_values.double().square().sum())
+    if config.merge_every > 1:
+        accumulator.zero_()
+    return stats

@@ -1,0 +1,401 @@
+"""`OnlineMergingAdamW`: AdamW whose every step is merged with the reference delta.
+
+A drop-in for `torch.optim.AdamW` (same hyper-parameters, param-group keys and per-parameter state
+keys `step`, `exp_avg`, `exp_avg_sq`), so frameworks that own an inner AdamW (Megatron's
+distributed optimizer, DeepSpeed's ZeRO) can be handed this one instead. With method="none" it is
+bit-identical to `torch.optim.AdamW`.
+
+Which elements a parameter tensor holds is described by `Segment`s: by default one segment, the
+whole tensor under its own name. Sharding adapters replace that with the pieces a rank owns
+(a Megatron shard, a ZeRO partition holding parts of many weights), and the merge then runs on
+each piece with global coordinates, so masks and results do not depend on the layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+
+from .merging.config import OnlineMergeConfig
+from .merging.coords import ShardCoords
+from .merging.merger import MergeStats, merge_segment
+from .merging.reference import ReferenceDelta, reference_positions
+from .merging.sparsify import Exchange
+
+DeltaFn = Callable[[str, ShardCoords], torch.Tensor]
+"""Returns a segment's reference delta (1-D, coords.numel elements) given its name and coordinates."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Elements ``[offset, offset + coords.numel)`` of a parameter's flat view belong to tensor ``name``."""
+
+    name: str
+    coords: ShardCoords
+    offset: int = 0
+    group: Any = None
+    """Process group of the ranks holding the other pieces of the tensor (ties_scope='tensor' only)."""
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.offset, self.offset + self.coords.numel)
+
+
+@dataclass
+class AdamUpdate:
+    """Adam's update -lr_t * m_hat / (sqrt(v_hat) + eps), evaluated only where asked."""
+
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    step_size: float
+    bias_correction2_sqrt: float
+    eps: float
+    _dense: torch.Tensor | None = None
+
+    def _update(self, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return (m / (v.sqrt() / self.bias_correction2_sqrt + self.eps)) * (-self.step_size)
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        if self._dense is not None:
+            return self._dense[positions]
+        return self._update(self.exp_avg[positions], self.exp_avg_sq[positions])
+
+    def dense(self) -> torch.Tensor:
+        if self._dense is None:
+            self._dense = self._update(self.exp_avg, self.exp_avg_sq)
+        return self._dense
+
+    def magnitude(self) -> torch.Tensor:
+        if self._dense is not None:
+            return self._dense.abs()
+        # |m / d * -s| == |m| / d * s exactly, so magnitudes can be built in place in one buffer.
+        denom = self.exp_avg_sq.sqrt().div_(self.bias_correction2_sqrt).add_(self.eps)
+        return torch.abs(self.exp_avg).div_(denom).mul_(self.step_size)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), or the tensor itself."""
+    return tensor._local_tensor if hasattr(tensor, "_local_tensor") else tensor
+
+
+def default_segments(param: torch.Tensor, name: str) -> list[Segment]:
+    """One segment: the whole tensor, or for a DTensor (FSDP2) its local block of the global tensor."""
+    if hasattr(param, "device_mesh") and hasattr(param, "placements"):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        local_shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+        coords = ShardCoords.block(tuple(param.shape), tuple(local_shape), tuple(offset))
+        group = param.device_mesh.get_group() if param.device_mesh.ndim == 1 else None
+        return [Segment(name, coords, 0, group)]
+    return [Segment(name, ShardCoords.full(tuple(param.shape)))]
+
+
+def all_gather_exchange(group: Any) -> Exchange:
+    """Gather variable-length (magnitude, index) candidate lists over a process group."""
+
+    def exchange(values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        world = dist.get_world_size(group)
+        count = torch.tensor([values.numel()], device=values.device)
+        counts = [torch.zeros_like(count) for _ in range(world)]
+        dist.all_gather(counts, count, group=group)
+        longest = int(max(counts))
+        padded_v = values.new_zeros(longest)
+        padded_v[: values.numel()] = values
+        padded_i = indices.new_zeros(longest)
+        padded_i[: indices.numel()] = indices
+        all_v = [torch.empty_like(padded_v) for _ in range(world)]
+        all_i = [torch.empty_like(padded_i) for _ in range(world)]
+        dist.all_gather(all_v, padded_v, group=group)
+        dist.all_gather(all_i, padded_i, group=group)
+        return (
+            torch.cat([v[: int(c)] for v, c in zip(all_v, counts)]),
+            torch.cat([i[: int(c)] for i, c in zip(all_i, counts)]),
+        )
+
+    return exchange
+
+
+def _as_mapping(source: Any, what: str) -> Mapping[str, torch.Tensor]:
+    if source is None:
+        raise ValueError(f"set_reference_delta: {what} is required")
+    if isinstance(source, torch.nn.Module):
+        return dict(source.state_dict(keep_vars=False))
+    if isinstance(source, Mapping):
+        return source
+    raise TypeError(f"set_reference_delta: {what} must be a module or a state dict, got {type(source).__name__}")
+
+
+def _lookup(mapping: Mapping[str, torch.Tensor], name: str, what: str) -> torch.Tensor:
+    if name in mapping:
+        return mapping[name]
+    # DDP and torch.compile wrap modules; accept the unwrapped names too.
+    for prefix in ("module.", "_orig_mod."):
+        if name.startswith(prefix) and name[len(prefix) :] in mapping:
+            return mapping[name[len(prefix) :]]
+    sample = ", ".join(sorted(mapping)[:5])
+    raise ValueError(f"set_reference_delta: parameter {name!r} has no entry in the {what} (it has {len(mapping)} keys, e.g. {sample})")
+
+
+def delta_from_models(reference: Any, base: Any) -> DeltaFn:
+    """Reference delta = reference - base, taken from modules or state dicts, checked name by name."""
+    reference_map, base_map = _as_mapping(reference, "reference"), _as_mapping(base, "base")
+
+    def delta_fn(name: str, coords: ShardCoords) -> torch.Tensor:
+        ref, base_t = _lookup(reference_map, name, "reference"), _lookup(base_map, name, "base")
+        if ref.shape != base_t.shape:
+            raise ValueError(f"set_reference_delta: {name!r} has shape {tuple(ref.shape)} in the reference but {tuple(base_t.shape)} in the base")
+        if ref.dtype != base_t.dtype:
+            raise ValueError(f"set_reference_delta: {name!r} has dtype {ref.dtype} in the reference but {base_t.dtype} in the base")
+        return delta_from_full({name: ref.float() - base_t.float()})(name, coords)
+
+    return delta_fn
+
+
+def delta_from_full(delta: Mapping[str, torch.Tensor]) -> DeltaFn:
+    """Segments' slices of precomputed full reference deltas."""
+
+    def delta_fn(name: str, coords: ShardCoords) -> torch.Tensor:
+        full = _lookup(delta, name, "reference delta")
+        if tuple(full.shape) != coords.global_shape:
+            raise ValueError(f"set_reference_delta: {name!r} has shape {tuple(full.shape)} in the delta, expected {coords.global_shape}")
+        return coords.gather(full.detach().cpu().float()).to(torch.float32)
+
+    return delta_fn
+
+
+class OnlineMergingAdamW(torch.optim.Optimizer):
+    """AdamW with online merging (OnDARE / OnTIES / step-K) of every step with a reference delta.
+
+    Args:
+        params: parameters, ``named_parameters()``, or param groups (named ones carry "param_names").
+            Masks are keyed by parameter names, so pass names when merging.
+        lr, betas, eps, weight_decay: as in `torch.optim.AdamW`.
+        merge: the merge settings; None means OnlineMergeConfig() (OnDARE, p=0.01).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        merge: OnlineMergeConfig | None = None,
+        maximize: bool = False,
+    ) -> None:
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"Invalid beta parameters: {betas}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize))
+        self.merge_config = merge if merge is not None else OnlineMergeConfig()
+        self.track_update_norm = False
+        self._segments: dict[torch.Tensor, list[Segment]] = {}
+        self._references: dict[torch.Tensor, list[ReferenceDelta]] = {}
+        self._stats = MergeStats()
+
+    # ---------------------------------------------------------------- segments
+    def _names(self) -> Iterator[tuple[torch.Tensor, str]]:
+        for g, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for i, p in enumerate(group["params"]):
+                yield p, names[i] if names else f"group{g}.param{i}"
+
+    def segments(self, param: torch.Tensor) -> list[Segment]:
+        """The segments of a parameter (default: the whole tensor under its own name)."""
+        if param not in self._segments:
+            name = dict((id(p), n) for p, n in self._names())[id(param)]
+            self._segments[param] = default_segments(param, name)
+        return self._segments[param]
+
+    def set_segments(self, param: torch.Tensor, segments: list[Segment]) -> None:
+        """Declare which global elements each piece of ``param``'s flat view holds (sharding adapters)."""
+        numel = _local(param).numel()
+        covered = torch.zeros(numel, dtype=torch.bool)
+        for seg in segments:
+            if seg.offset < 0 or seg.offset + seg.coords.numel > numel:
+                raise ValueError(f"segment {seg.name!r} [{seg.offset}, {seg.offset + seg.coords.numel}) exceeds the parameter's {numel} elements")
+            if covered[seg.slice].any():
+                raise ValueError(f"segment {seg.name!r} overlaps another segment")
+            covered[seg.slice] = True
+        self._segments[param] = list(segments)
+        self._references.pop(param, None)
+
+    # ---------------------------------------------------------------- reference delta
+    def set_reference_delta(
+        self,
+        reference: Any = None,
+        base: Any = None,
+        *,
+        delta: Mapping[str, torch.Tensor] | None = None,
+        delta_fn: DeltaFn | None = None,
+    ) -> None:
+        """Give the optimizer the reference delta (SFT minus base), as exactly one of:
+        ``reference`` and ``base`` (modules or state dicts), ``delta`` (state dict of full deltas), or
+        ``delta_fn(name, coords)`` returning a segment's slice. Everything is checked before
+        anything is stored."""
+        given = [reference is not None or base is not None, delta is not None, delta_fn is not None]
+        if sum(given) != 1:
+            raise ValueError("set_reference_delta: pass reference= and base=, or delta=, or delta_fn=")
+        if given[0]:
+            delta_fn = delta_from_models(reference, base)
+        elif given[1]:
+            delta_fn = delta_from_full(delta)
+        config = self.merge_config
+        built: dict[torch.Tensor, list[ReferenceDelta]] = {}
+        for param, _ in self._names():
+            built[param] = [
+                ReferenceDelta.build(delta_fn(seg.name, seg.coords), config, seg.name, seg.coords, self._exchange(seg))
+                for seg in self.segments(param)
+            ]
+        for param, refs in built.items():
+            state = self.state[param]
+            state["reference_values"] = torch.cat([r.values for r in refs])
+            if config.method == "ties":
+                state["reference_positions"] = torch.cat([r.positions + seg.offset for r, seg in zip(refs, self.segments(param))])
+            if config.reference_mask == "resampled":
+                state["reference_delta"] = torch.cat([r.dense for r in refs])
+        self._references = {}
+
+    def _reference_views(self, param: torch.Tensor) -> list[ReferenceDelta] | None:
+        """Per-segment views into the reference state (rebuilt after load_state_dict)."""
+        state = self.state[param]
+        if "reference_values" not in state:
+            return None
+        if param not in self._references:
+            config, refs, cursor = self.merge_config, [], 0
+            for seg in self.segments(param):
+                if "reference_delta" in state:
+                    refs.append(ReferenceDelta(values=state["reference_values"][:0], dense=state["reference_delta"][seg.slice]))
+                    continue
+                if "reference_positions" in state:
+                    pos = state["reference_positions"]
+                    inside = (pos >= seg.offset) & (pos < seg.offset + seg.coords.numel)
+                    count = int(inside.sum())
+                    refs.append(ReferenceDelta(values=state["reference_values"][cursor : cursor + count], positions=pos[cursor : cursor + count] - seg.offset))
+                else:
+                    count = reference_positions(config, seg.name, seg.coords, 0).numel()
+                    refs.append(ReferenceDelta(values=state["reference_values"][cursor : cursor + count]))
+                cursor += count
+            self._references[param] = refs
+        return self._references[param]
+
+    def reference_nbytes(self) -> int:
+        """Bytes held for the reference delta (all parameters)."""
+        keys = ("reference_values", "reference_positions", "reference_delta")
+        return sum(s[k].numel() * s[k].element_size() for s in self.state.values() for k in keys if k in s)
+
+    def _exchange(self, seg: Segment) -> Exchange | None:
+        return all_gather_exchange(seg.group) if seg.group is not None else None
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._references = {}
+
+    # ---------------------------------------------------------------- stats and EMA
+    def merge_stats(self, reset: bool = True) -> dict[str, float]:
+        """Kept fraction, update norm before/after merging, sign-conflict rate since the last call."""
+        out = self._stats.as_dict()
+        if reset:
+            self._stats = MergeStats()
+        return out
+
+    @contextlib.contextmanager
+    def weight_ema_applied(self) -> Iterator[None]:
+        """Temporarily load the weight EMA (baseline option) into the parameters, e.g. to evaluate."""
+        swapped = []
+        for state_param, state in self.state.items():
+            if "weight_ema" in state:
+                local = _local(state_param)
+                saved = local.detach().clone()
+                local.copy_(state["weight_ema"])
+                swapped.append((local, saved))
+        try:
+            yield
+        finally:
+            for local, saved in swapped:
+                local.copy_(saved)
+
+    # ---------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        config = self.merge_config
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                self._step_param(param, _local(param), _local(param.grad), group, lr, beta1, beta2, eps, weight_decay, config)
+        return loss
+
+    def _step_param(self, param, data, grad, group, lr, beta1, beta2, eps, weight_decay, config) -> None:
+        if grad.is_sparse:
+            raise RuntimeError("OnlineMergingAdamW does not support sparse gradients")
+        if group["maximize"]:
+            grad = -grad
+        state = self.state[param]
+        if "step" not in state:
+            if config.needs_reference and "reference_values" not in state:
+                raise RuntimeError(
+                    f"online merge: no reference delta for {self.segments(param)[0].name!r}; "
+                    "call set_reference_delta(...) before the first step (or use alpha=0 / method='none')"
+                )
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(data, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(data, memory_format=torch.preserve_format)
+            if config.merges and config.merge_every > 1:
+                state["merge_accumulator"] = torch.zeros_like(data, dtype=torch.float32)
+            if config.weight_ema > 0:
+                state["weight_ema"] = data.detach().clone()
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        state["step"] += 1
+        step = int(state["step"].item())
+
+        # The same operations, in the same order, as torch.optim.AdamW's single-tensor path.
+        data.mul_(1 - lr * weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        step_size = lr / bias_correction1
+        bias_correction2_sqrt = bias_correction2**0.5
+
+        if not config.merges:
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+            data.addcdiv_(exp_avg, denom, value=-step_size)
+        else:
+            flat, m, v = data.view(-1), exp_avg.view(-1), exp_avg_sq.view(-1)
+            accumulator = state.get("merge_accumulator")
+            references = self._reference_views(param)
+            for i, seg in enumerate(self.segments(param)):
+                update = AdamUpdate(m[seg.slice], v[seg.slice], step_size, bias_correction2_sqrt, eps)
+                self._stats.add(
+                    merge_segment(
+                        flat[seg.slice],
+                        update,
+                        config,
+                        seg.name,
+                        seg.coords,
+                        step,
+                        reference=references[i] if references else None,
+                        accumulator=accumulator.view(-1)[seg.slice] if accumulator is not None else None,
+                        exchange=self._exchange(seg),
+                        track_update_norm=self.track_update_norm,
+                    )
+                )
+        if "weight_ema" in state:
+            state["weight_ema"].lerp_(data, config.weight_ema)

@@ -1,0 +1,30 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="onmerge_megatron",
+    version="0.1.0",
+    description="Online merging optimizers (OnDARE, OnTIES, step-K) for Megatron-core, DeepSpeed and PyTorch",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8") if Path(__file__).with_name("README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["onmerge_megatron", "onmerge_megatron.*"]),
+    install_requires=["torch>=2.4", "numpy", "pyyaml", "tqdm"],
+    extras_require={
+        "megatron": [
+            "megatron-core>=0.14,<0.20",
+            "transformers>=4.56.2,<5",
+            "mbridge>=0.15.1,<0.16",
+            "sentencepiece",
+            "psutil",
+            "tensorboard",
+            "matplotlib",
+        ],
+        "deepspeed": ["deepspeed>=0.16", "transformers>=4.56.2,<5", "accelerate>=1.0", "trl>=1.0"],
+        "kernels": ["triton>=3.0"],
+        "dev": ["pytest>=8", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": ["onmerge=onmerge_megatron.training.cli:main"]},
+)

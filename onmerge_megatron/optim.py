@@ -315,10 +315,9 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         swapped = []
         for state_param, state in self.state.items():
             if "weight_ema" in state:
-                local = _local(state_param)
-                saved = local.detach().clone()
+                local = _local(state_param).detach()
+                swapped.append((local, local.clone()))
                 local.copy_(state["weight_ema"])
-                swapped.append((local, saved))
         try:
             yield
         finally:

@@ -26,6 +26,9 @@ from .merging.merger import MergeStats, merge_segment
 from .merging.reference import ReferenceDelta, reference_positions
 from .merging.sparsify import Exchange
 
+# Merge state restored exactly as saved by load_state_dict (no cast to the parameter's dtype).
+_EXACT_STATE = ("reference_values", "reference_positions", "reference_delta", "merge_accumulator", "weight_ema")
+
 DeltaFn = Callable[[str, ShardCoords], torch.Tensor]
 """Returns a segment's reference delta (1-D, coords.numel elements) given its name and coordinates."""
 
@@ -261,7 +264,11 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
             state = self.state[param]
             state["reference_values"] = torch.cat([r.values for r in refs])
             if config.method == "ties":
-                state["reference_positions"] = torch.cat([r.positions + seg.offset for r, seg in zip(refs, self.segments(param))])
+                # Positions in the parameter's flat view; int32 unless a (ZeRO flat) tensor is that large.
+                dtype = torch.int32 if _local(param).numel() < 2**31 else torch.int64
+                state["reference_positions"] = torch.cat(
+                    [r.positions.to(dtype) + seg.offset for r, seg in zip(refs, self.segments(param))]
+                )
             if config.reference_mask == "resampled":
                 state["reference_delta"] = torch.cat([r.dense for r in refs])
         self._references = {}
@@ -298,7 +305,15 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         return all_gather_exchange(seg.group) if seg.group is not None else None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch casts every state tensor to its parameter's dtype: integer positions would turn into
+        # floats (exact only below 2^24) and fp32 merge state into bf16. Merge state is put back as saved.
+        exact = {pid: {k: v for k, v in s.items() if k in _EXACT_STATE} for pid, s in state_dict["state"].items()}
         super().load_state_dict(state_dict)
+        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for pid, param in zip(saved_ids, params):
+            for key, value in exact.get(pid, {}).items():
+                self.state[param][key] = value.to(device=_local(param).device)
         self._references = {}
 
     # ---------------------------------------------------------------- stats and EMA

@@ -137,6 +137,21 @@ def test_resume_is_bit_identical(config, tmp_path):
             assert torch.equal(s[key], r[key]), key
 
 
+def test_load_keeps_merge_state_dtypes():
+    """torch would cast every state tensor to the parameter's dtype (here bf16)."""
+    param = torch.nn.Parameter(torch.zeros(1 << 12, dtype=torch.bfloat16))
+    config = OnlineMergeConfig(method="ties", keep_rate=0.1, merge_every=2)
+    opt = OnlineMergingAdamW([("w", param)], merge=config)
+    opt.set_reference_delta(delta={"w": torch.randn(1 << 12)})
+    param.grad = torch.ones_like(param)
+    opt.step()
+    again = OnlineMergingAdamW([("w", param)], merge=config)
+    again.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for key in ("reference_values", "reference_positions", "merge_accumulator"):
+        assert again.state[param][key].dtype == opt.state[param][key].dtype, key
+        assert torch.equal(again.state[param][key], opt.state[param][key]), key
+
+
 def test_reference_delta_is_held_sparse():
     n = 1 << 20
     param = torch.nn.Parameter(torch.zeros(n))

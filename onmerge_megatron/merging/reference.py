@@ -64,7 +64,7 @@ class ReferenceDelta:
             positions = reference_positions(config, name, coords, 0)
             return cls(values=_finish(delta[positions], config))
         positions = ties_positions(delta.abs(), config.keep_rate, config.ties_scope, coords, exchange, name)
-        return cls(values=_finish(delta[positions], config), positions=positions.to(torch.int32))
+        return cls(values=_finish(delta[positions], config), positions=positions.to(torch.int32 if coords.numel < 2**31 else torch.int64))
 
     def kept(self, config: OnlineMergeConfig, name: str, coords: ShardCoords, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(positions int64, values) of the sparsified reference delta for this merge."""

@@ -379,8 +379,10 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         state["step"] += 1
         step = int(state["step"].item())
 
-        # The same operations, in the same order, as torch.optim.AdamW's single-tensor path.
-        data.mul_(1 - lr * weight_decay)
+        # The same operations, in the same order, as torch.optim.AdamW's single-tensor path
+        # (multiplying by exactly 1.0 changes no bit, so that pass is skipped without weight decay).
+        if weight_decay != 0:
+            data.mul_(1 - lr * weight_decay)
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         bias_correction1 = 1 - beta1**step

@@ -1,0 +1,846 @@
+"""AdamW plus online merging in one pass over the dense state, with Triton kernels.
+
+What a step has to move (fp32, per element): AdamW reads param, grad, exp_avg, exp_avg_sq and writes
+param, exp_avg, exp_avg_sq (28 bytes). The engine's unfused path issues one torch kernel per
+operation (about 40 bytes for OnDARE; about 100 for OnTIES, which builds a dense magnitude tensor
+and compacts it). Here:
+
+- `_adamw_merge_kernel` does weight decay and the moment updates in one read and write of each
+  dense tensor, and depending on the step also
+  - OnTIES merge step: the update's magnitude, compared against a cut predicted from the previous
+    merge; positions at or above it are appended to a small candidate list (about 2 k). The exact
+    top-k with the engine's tie-break is then taken among the candidates, which provably hold the
+    whole top-k whenever at least k survive and the k-th largest clears the cut by a margin;
+    otherwise (first merge, a bad prediction) the step takes the engine's selection on the same
+    moments. Either way the kept set is the engine's.
+  - step-K: the plain update applied and accumulated (non-merge steps), or the accumulated updates
+    rolled back (OnTIES merge steps).
+- `_dare_update_kernel` does OnDARE's sparse part: it draws the counter-based keep-mask of one
+  2^16-index block in registers, exactly as `rng._block_positions` does, and adds the rescaled,
+  weighted update at the kept positions (about p of the elements), with no host synchronisation.
+
+Bit agreement: every rounding of the engine's torch ops is reproduced (`tl.fma` where torch's
+kernels fuse, IEEE `sqrt_rn`/`div_rn`, bf16 round-to-nearest-even done on the bits, contraction
+otherwise disabled). torch's CUDA kernels divide by a Python scalar through its reciprocal and its
+CPU kernels do not: chosen per device. torch's CPU sqrt is not correctly rounded (its CUDA sqrt is),
+which bounds the agreement with the CPU engine to the last bit of the update. See docs/kernels.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy
+import torch
+
+from ..merging import consensus, rng
+from ..merging.config import OnlineMergeConfig
+from ..merging.coords import ShardCoords
+from ..merging.merger import MergeStats, _WithAccumulator, merge_segment
+from ..merging.reference import ReferenceDelta
+from ..merging.sparsify import _SAMPLE, above_threshold, dare_rescale, l1_rescale, ties_positions, top_k_count, top_k_threshold
+from ..optim import AdamUpdate, OnlineMergingAdamW, Segment
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001 - a missing or broken Triton only disables the kernel
+    triton = None
+    tl = None
+
+# Triton reads this at import; on CPU tensors the kernel runs only in interpreter mode.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+MODE_MOMENTS = 0
+"""Weight decay and moments only (OnDARE / OnTIES merge steps with K = 1, uncovered elements)."""
+MODE_ACCUMULATE = 1
+"""Step-K non-merge step: also param += update, accumulator += update."""
+MODE_ROLLBACK = 2
+"""Step-K OnTIES merge step: also param -= accumulator (the update is merged with it)."""
+
+_MARGIN = {torch.float32: 2.0**-16, torch.bfloat16: 2.0**-5}
+"""Relative slack between the kernel's magnitudes and the engine's, used only to prove that the
+candidate list holds the whole top-k. They differ by at most an ulp per rounded operation (torch's
+CPU sqrt is off by one ulp at times; a device's scalar division may round differently): fp32
+2^-23 each, bf16 2^-8 each, four roundings, well inside these bounds."""
+
+# OnTIES cut prediction: the next cut sits _CUT_DEPTH * k elements deep, times _CUT_LOWER; the
+# candidate list holds up to _CAPACITY * k + 1024 positions (int64) before the step falls back.
+_CUT_DEPTH = 2.0
+_CUT_LOWER = 0.95
+_CAPACITY = 4
+
+
+def triton_available() -> bool:
+    """True when Triton imported (the kernel can run on CUDA, or on CPU in interpreter mode)."""
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _load_f32(ptr, offs, mask, IS_BF16: tl.constexpr):
+        # bf16 tensors are passed as int16 views: the interpreter's own bf16 casts truncate, and
+        # exact bit handling is the same on every backend.
+        if IS_BF16:
+            raw = tl.load(ptr + offs, mask=mask, other=0)
+            return (raw.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        else:
+            return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _round(x, IS_BF16: tl.constexpr):
+        """x rounded to the storage type (bf16: round to nearest even, as torch), kept as fp32."""
+        if IS_BF16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16) << 16
+            return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+        else:
+            return x
+
+    @triton.jit
+    def _store(ptr, offs, x, mask, IS_BF16: tl.constexpr):
+        """Store a value already rounded by `_round`."""
+        if IS_BF16:
+            tl.store(ptr + offs, (x.to(tl.uint32, bitcast=True) >> 16).to(tl.int16), mask=mask)
+        else:
+            tl.store(ptr + offs, x, mask=mask)
+
+    @triton.jit
+    def _adamw_merge_kernel(
+        param_ptr,
+        grad_ptr,
+        exp_avg_ptr,
+        exp_avg_sq_ptr,
+        acc_ptr,
+        cand_ptr,
+        count_ptr,
+        n,
+        lerp_weight,
+        beta2,
+        addcmul_value,
+        decay,
+        neg_step_size,
+        bc2_sqrt,
+        inv_bc2_sqrt,
+        eps,
+        cut,
+        capacity,
+        PARAM_BF16: tl.constexpr,
+        STATE_BF16: tl.constexpr,
+        WEIGHT_DECAY: tl.constexpr,
+        NEGATE_GRAD: tl.constexpr,
+        LERP_SMALL: tl.constexpr,
+        MODE: tl.constexpr,
+        CANDIDATES: tl.constexpr,
+        RECIPROCAL_DIV: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inb = offs < n
+        # Float scalars are rounded to float32 on the host, as torch rounds a Python scalar for a
+        # float32 op, so their conversion here (float32 argument, or constant) is exact.
+
+        g = _load_f32(grad_ptr, offs, inb, PARAM_BF16)
+        if NEGATE_GRAD:
+            g = -g
+        m = _load_f32(exp_avg_ptr, offs, inb, STATE_BF16)
+        v = _load_f32(exp_avg_sq_ptr, offs, inb, STATE_BF16)
+
+        # exp_avg.lerp_(grad, 1 - beta1): torch computes it as one fma in fp32 (CPU vector path and CUDA).
+        diff = g - m
+        if LERP_SMALL:
+            m = tl.fma(lerp_weight, diff, m)
+        else:
+            m = tl.fma(lerp_weight - 1.0, diff, g)
+        m = _round(m, STATE_BF16)
+        # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2): two torch ops, two roundings.
+        v = _round(v * beta2, STATE_BF16)
+        v = tl.fma(addcmul_value * g, g, v)  # torch's addcmul kernel fuses here (CPU and CUDA)
+        v = _round(v, STATE_BF16)
+        _store(exp_avg_ptr, offs, m, inb, STATE_BF16)
+        _store(exp_avg_sq_ptr, offs, v, inb, STATE_BF16)
+
+        if MODE != 0 or CANDIDATES:
+            # AdamUpdate._update: (m / (sqrt(v) / bc2_sqrt + eps)) * (-step_size), rounded per op.
+            denom = _round(tl.sqrt_rn(v), STATE_BF16)
+            if RECIPROCAL_DIV:
+                denom = _round(denom * inv_bc2_sqrt, STATE_BF16)
+            else:
+                denom = _round(tl.div_rn(denom, bc2_sqrt), STATE_BF16)
+            denom = _round(denom + eps, STATE_BF16)
+            update = _round(_round(tl.div_rn(m, denom), STATE_BF16) * neg_step_size, STATE_BF16)
+        if MODE != 0:
+            acc = tl.load(acc_ptr + offs, mask=inb, other=0.0)
+        if WEIGHT_DECAY or MODE != 0:
+            p = _load_f32(param_ptr, offs, inb, PARAM_BF16)
+            if WEIGHT_DECAY:
+                p = _round(p * decay, PARAM_BF16)
+            if MODE == 1:
+                p = _round(p + update, PARAM_BF16)
+                tl.store(acc_ptr + offs, acc + update, mask=inb)
+            if MODE == 2:
+                p = _round(p - acc, PARAM_BF16)
+            _store(param_ptr, offs, p, inb, PARAM_BF16)
+
+        if CANDIDATES:
+            if MODE == 2:
+                magnitude = tl.abs(update + acc)
+            else:
+                magnitude = tl.abs(update)
+            keep = (magnitude >= cut) & inb
+            keep_i = keep.to(tl.int32)
+            base = tl.atomic_add(count_ptr, tl.sum(keep_i, axis=0))
+            slot = base + tl.cumsum(keep_i, axis=0) - 1
+            tl.store(cand_ptr + slot, offs, mask=keep & (slot < capacity))
+
+    @triton.jit
+    def _dare_update_kernel(
+        param_ptr,
+        exp_avg_ptr,
+        exp_avg_sq_ptr,
+        lookup_ptr,
+        thresholds_ptr,
+        stats_ptr,
+        seed,
+        first_block,
+        lo,
+        hi,
+        step,
+        stream,
+        n_thresholds,
+        bc2_sqrt,
+        inv_bc2_sqrt,
+        eps,
+        neg_step_size,
+        keep_rate,
+        inv_keep_rate,
+        update_weight,
+        PARAM_BF16: tl.constexpr,
+        STATE_BF16: tl.constexpr,
+        RESCALE: tl.constexpr,
+        RECIPROCAL_DIV: tl.constexpr,
+        CALLS: tl.constexpr,
+        SEARCH_STEPS: tl.constexpr,
+        MASK_BLOCK: tl.constexpr,
+    ):
+        """OnDARE's update at the kept positions of one 2^16-index mask block: the keep-mask drawn
+        in registers exactly as `rng._block_positions` draws it (Philox call j of block b with
+        counter (j, b, step, stream) gives gaps 4j .. 4j+3), then param[pos] += (1 - alpha) F(update)."""
+        block = first_block + tl.program_id(0).to(tl.int64)
+        block_start = block * MASK_BLOCK
+        cursor = block * 0 - 1  # last kept position inside the block so far
+        first_call = block * 0
+        kept = block * 0
+        merged_sq = (block * 0).to(tl.float64)
+        while cursor < MASK_BLOCK:
+            calls = first_call + tl.arange(0, CALLS)
+            c0 = calls.to(tl.uint32)
+            c1 = (calls * 0 + block).to(tl.uint32)
+            c2 = (calls * 0 + step).to(tl.uint32)
+            c3 = (calls * 0 + stream).to(tl.uint32)
+            w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3, 10)
+            # Word order of the engine: call-major, then the four outputs.
+            words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (4 * CALLS,))
+            wide = words.to(tl.int64) & 0xFFFFFFFF
+            gaps = tl.load(lookup_ptr + (wide >> 16)).to(tl.int64)
+            # Buckets holding a threshold: search the thresholds (searchsorted right, plus one).
+            unresolved = gaps < 0
+            low = tl.zeros_like(wide)
+            high = tl.zeros_like(wide) + n_thresholds
+            for _ in tl.static_range(SEARCH_STEPS):
+                mid = (low + high) >> 1
+                t = tl.load(thresholds_ptr + mid, mask=unresolved & (low < high), other=0)
+                right = t <= wide
+                low = tl.where(unresolved & (low < high) & right, mid + 1, low)
+                high = tl.where(unresolved & (low < high) & ~right, mid, high)
+            gaps = tl.where(unresolved, low + 1, gaps)
+            positions = cursor + tl.cumsum(gaps, axis=0)
+            index = block_start + positions
+            mine = (positions < MASK_BLOCK) & (index >= lo) & (index <= hi)
+            local = index - lo
+            m = _load_f32(exp_avg_ptr, local, mine, STATE_BF16)
+            v = _load_f32(exp_avg_sq_ptr, local, mine, STATE_BF16)
+            denom = _round(tl.sqrt_rn(v), STATE_BF16)
+            if RECIPROCAL_DIV:
+                denom = _round(denom * inv_bc2_sqrt, STATE_BF16)
+            else:
+                denom = _round(tl.div_rn(denom, bc2_sqrt), STATE_BF16)
+            denom = _round(denom + eps, STATE_BF16)
+            update = _round(_round(tl.div_rn(m, denom), STATE_BF16) * neg_step_size, STATE_BF16)
+            if RESCALE:
+                if RECIPROCAL_DIV:
+                    update = _round(update * inv_keep_rate, STATE_BF16)
+                else:
+                    update = _round(tl.div_rn(update, keep_rate), STATE_BF16)
+            update = _round(update * update_weight, STATE_BF16)
+            p = _load_f32(param_ptr, local, mine, PARAM_BF16)
+            _store(param_ptr, local, _round(p + update, PARAM_BF16), mine, PARAM_BF16)
+            kept += tl.sum(mine.to(tl.int64), axis=0)
+            sq = tl.where(mine, update.to(tl.float64) * update.to(tl.float64), 0.0)
+            merged_sq += tl.sum(sq, axis=0)
+            # The block's end not reached: draw the next calls from the last position.
+            cursor = tl.max(positions, axis=0)
+            first_call += CALLS
+        tl.atomic_add(stats_ptr, kept.to(tl.float64))
+        tl.atomic_add(stats_ptr + 1, merged_sq)
+
+
+def keep_positions_on(
+    device: torch.device, seed: int, name: str, step: int, stream: int, coords: ShardCoords, keep_rate: float
+) -> torch.Tensor:
+    """`rng.keep_positions` with the generator run on ``device`` (same positions, bit for bit).
+
+    The engine's function builds its block indices on the CPU, so on a GPU it would draw every
+    mask on the host; the generator itself is device-agnostic torch code.
+    """
+    if keep_rate >= 1.0:
+        return torch.arange(coords.numel, dtype=torch.int64, device=device)
+    lo, hi = coords.global_span()
+    if hi < lo:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    blocks = torch.arange(lo // rng.BLOCK, hi // rng.BLOCK + 1, dtype=torch.int64, device=device)
+    kept = rng._block_positions(rng.mask_key(seed, name), step, stream, blocks, keep_rate)
+    kept = kept[(kept >= lo) & (kept <= hi)]
+    if coords.is_contiguous:
+        return kept - lo
+    _, positions = coords.local_position(kept)
+    return positions
+
+
+def _f32(x: float) -> float:
+    """A Python scalar as torch rounds it for a float32 / bf16 op (double -> float, nearest even)."""
+    return float(numpy.float32(x))
+
+
+@dataclass(frozen=True)
+class _Scalars:
+    lerp_weight: float
+    beta2: float
+    addcmul_value: float
+    decay: float
+    neg_step_size: float
+    bc2_sqrt: float
+    inv_bc2_sqrt: float
+    eps: float
+    lerp_small: bool
+    weight_decay: bool
+    negate_grad: bool
+
+
+@dataclass(frozen=True)
+class _TiesPlan:
+    k: int
+    cut: float
+    capacity: int
+
+
+def _cuda_scalar_reciprocal(x: float) -> float:
+    # torch's CUDA division by a CPU scalar multiplies by opmath(1) / opmath(x), computed in float.
+    return float(numpy.float32(1.0) / numpy.float32(x))
+
+
+def _as_kernel_arg(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+
+
+class FusedOnlineMergingAdamW(OnlineMergingAdamW):
+    """`OnlineMergingAdamW` whose dense part runs as one fused Triton kernel per parameter.
+
+    Same arguments, state keys (`step`, `exp_avg`, `exp_avg_sq`, `merge_accumulator`, the reference
+    state) and results as the engine, so it can replace it inside Megatron's distributed optimizer
+    or DeepSpeed. Extra arguments:
+        backend: "auto" (the kernel on CUDA tensors when Triton imports, the engine otherwise),
+            "triton" (always the kernel; on CPU only under TRITON_INTERPRET=1, used by the tests),
+            "torch" (always the engine).
+        block_size: elements per Triton program (default 1024).
+    Parameters the kernel does not cover (method="none", sparse or non-contiguous gradients, dtypes
+    other than fp32/bf16) take the engine's path, which gives the same results.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        merge: OnlineMergeConfig | None = None,
+        maximize: bool = False,
+        backend: Literal["auto", "triton", "torch"] = "auto",
+        block_size: int = 1024,
+    ) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, merge=merge, maximize=maximize)
+        if backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+        if backend == "triton" and triton is None:
+            raise RuntimeError("backend='triton' needs the triton package")
+        if block_size < 16 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+        self.backend = backend
+        self.block_size = block_size
+        self.kernel_counts = dict.fromkeys(
+            ("fused", "engine", "dare_kernel", "dare_torch", "ties_fast", "ties_no_cut", "ties_too_few", "ties_too_many", "ties_margin", "ties_not_applicable"), 0
+        )
+        """How parameter steps were taken, and why OnTIES segments missed the candidate path (for
+        tests and logs; not saved). Misses give the same result, only slower."""
+        # Predicted OnTIES cuts per parameter and segment: only a speed hint (a bad or missing one
+        # costs a fallback, never a different result), so it is not optimizer state.
+        self._ties_cuts: dict[torch.Tensor, dict[int, float]] = {}
+        # Per parameter and segment: its global span, and OnDARE's fixed reference term
+        # (positions on the device, alpha * values, squared norm), all fixed for a run.
+        self._segment_cache: dict[torch.Tensor, dict[int, dict[str, Any]]] = {}
+        self._gap_tables: dict[tuple[torch.device, float], tuple[torch.Tensor, torch.Tensor]] = {}
+        # OnDARE kept counts and merged squared norms, summed on the device (see _dare_merge).
+        self._device_stats: dict[torch.device, torch.Tensor] = {}
+
+    # Both caches depend on the segments' coordinates and are rebuilt on demand.
+    def set_segments(self, param: torch.Tensor, segments: list[Segment]) -> None:
+        super().set_segments(param, segments)
+        self._ties_cuts.pop(param, None)
+        self._segment_cache.pop(param, None)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._ties_cuts.clear()
+        self._segment_cache.clear()
+
+    def set_reference_delta(self, *args: Any, **kwargs: Any) -> None:
+        super().set_reference_delta(*args, **kwargs)
+        # The engine keeps the reference state where the delta came from (often the CPU); the
+        # kernels' sparse tails index it together with the parameter, so it lives on its device.
+        for param, _ in self._names():
+            device = (param._local_tensor if hasattr(param, "_local_tensor") else param).device
+            state = self.state[param]
+            for key in ("reference_values", "reference_positions", "reference_delta"):
+                if key in state and state[key].device != device:
+                    state[key] = state[key].to(device)
+        self._references = {}
+        self._segment_cache.clear()
+
+    # ---------------------------------------------------------------- dispatch
+    def _kernel_applies(self, data: torch.Tensor, grad: torch.Tensor, state: dict, config: OnlineMergeConfig) -> bool:
+        if self.backend == "torch" or triton is None or not config.merges or grad.is_sparse:
+            return False
+        if not data.is_cuda:
+            if self.backend != "triton":
+                return False
+            if not _INTERPRET:
+                raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+        tensors = [data, grad, state["exp_avg"], state["exp_avg_sq"]]
+        if "merge_accumulator" in state:
+            if state["merge_accumulator"].dtype != torch.float32:
+                return False
+            tensors.append(state["merge_accumulator"])
+        if data.dtype not in _MARGIN or grad.dtype != data.dtype:
+            return False
+        if state["exp_avg"].dtype not in _MARGIN or state["exp_avg_sq"].dtype != state["exp_avg"].dtype:
+            return False
+        return all(t.is_contiguous() and t.device == data.device for t in tensors)
+
+    def _init_state(self, param: torch.Tensor, data: torch.Tensor, config: OnlineMergeConfig) -> dict:
+        # The engine's state initialisation, unchanged (same keys, dtypes and checks).
+        state = self.state[param]
+        if "step" not in state:
+            if config.needs_reference and "reference_values" not in state:
+                raise RuntimeError(
+                    f"online merge: no reference delta for {self.segments(param)[0].name!r}; "
+                    "call set_reference_delta(...) before the first step (or use alpha=0 / method='none')"
+                )
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(data, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(data, memory_format=torch.preserve_format)
+            if config.merges and config.merge_every > 1:
+                state["merge_accumulator"] = torch.zeros_like(data, dtype=torch.float32)
+            if config.weight_ema > 0:
+                state["weight_ema"] = data.detach().clone()
+        return state
+
+    def _step_param(self, param, data, grad, group, lr, beta1, beta2, eps, weight_decay, config) -> None:
+        if grad.is_sparse:
+            raise RuntimeError("OnlineMergingAdamW does not support sparse gradients")
+        state = self._init_state(param, data, config)
+        if not self._kernel_applies(data, grad, state, config):
+            self.kernel_counts["engine"] += 1
+            super()._step_param(param, data, grad, group, lr, beta1, beta2, eps, weight_decay, config)
+            return
+        self.kernel_counts["fused"] += 1
+        state["step"] += 1
+        step = int(state["step"].item())
+        # The engine's scalars, computed the same way in double precision.
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        step_size = lr / bias_correction1
+        bias_correction2_sqrt = bias_correction2**0.5
+        lerp_weight = 1 - beta1
+        scalars = _Scalars(
+            lerp_weight=_f32(lerp_weight),
+            beta2=_f32(beta2),
+            addcmul_value=_f32(1 - beta2),
+            decay=_f32(1 - lr * weight_decay),
+            neg_step_size=_f32(-step_size),
+            bc2_sqrt=_f32(bias_correction2_sqrt),
+            inv_bc2_sqrt=_cuda_scalar_reciprocal(bias_correction2_sqrt),
+            eps=_f32(eps),
+            lerp_small=abs(_f32(lerp_weight)) < 0.5,
+            weight_decay=weight_decay != 0,
+            negate_grad=bool(group["maximize"]),
+        )
+        flat, flat_grad = data.view(-1), grad.view(-1)
+        m, v = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
+        accumulator = state.get("merge_accumulator")
+        acc = accumulator.view(-1) if accumulator is not None else None
+        merge_now = config.merge_every == 1 or step % config.merge_every == 0
+        segments = self.segments(param)
+        references = self._reference_views(param)
+
+        # One launch per run of elements that need the same pass; OnTIES segments get their own
+        # (each has its own candidate list).
+        plans: dict[int, _TiesPlan | None] = {}
+        candidates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        runs: list[list[int | None]] = []  # [start, end, mode, segment index or None]
+        cursor = 0
+        for i, seg in sorted(enumerate(segments), key=lambda item: item[1].offset):
+            if seg.offset > cursor:
+                runs.append([cursor, seg.offset, MODE_MOMENTS, None])
+            if not merge_now:
+                mode = MODE_ACCUMULATE
+            elif config.method == "ties":
+                mode = MODE_ROLLBACK if config.merge_every > 1 else MODE_MOMENTS
+                plans[i] = self._ties_plan(param, i, seg, config)
+            else:
+                mode = MODE_MOMENTS  # merge_segment rolls back itself (every K steps; not worth fusing)
+            runs.append([seg.offset, seg.offset + seg.coords.numel, mode, i if plans.get(i) else None])
+            cursor = seg.offset + seg.coords.numel
+        if cursor < flat.numel():
+            runs.append([cursor, flat.numel(), MODE_MOMENTS, None])
+        merged: list[list[int | None]] = []
+        for run in runs:
+            if merged and merged[-1][1] == run[0] and merged[-1][2] == run[2] and merged[-1][3] is None and run[3] is None:
+                merged[-1][1] = run[1]
+            else:
+                merged.append(run)
+        for start, end, mode, seg_index in merged:
+            plan = plans.get(seg_index) if seg_index is not None else None
+            out = None
+            if plan is not None:
+                out = (
+                    torch.empty(plan.capacity, dtype=torch.int64, device=data.device),
+                    torch.zeros(1, dtype=torch.int32, device=data.device),
+                )
+                candidates[seg_index] = out
+            self._launch(flat, flat_grad, m, v, acc, start, end, mode, scalars, plan, out)
+
+        for i, seg in enumerate(segments):
+            if not merge_now:
+                self._stats.add(MergeStats(numel=seg.coords.numel))
+                continue
+            update = AdamUpdate(m[seg.slice], v[seg.slice], step_size, bias_correction2_sqrt, eps)
+            reference = references[i] if references else None
+            seg_acc = acc[seg.slice] if acc is not None else None
+            if config.method == "dare" and (config.merge_every > 1 or config.reference_mask == "resampled"):
+                # The engine's own sparse tail (it also rolls back the step-K accumulator).
+                stats = merge_segment(
+                    flat[seg.slice], update, config, seg.name, seg.coords, step,
+                    reference=reference, accumulator=seg_acc, exchange=self._exchange(seg),
+                    track_update_norm=self.track_update_norm,
+                )
+            elif config.method == "dare":
+                stats = self._dare_merge(param, i, seg, flat[seg.slice], update, reference, step)
+            else:
+                stats = self._ties_merge(param, i, seg, flat[seg.slice], update, seg_acc, reference, step, plans[i], candidates.get(i))
+            self._stats.add(stats)
+        if "weight_ema" in state:
+            state["weight_ema"].lerp_(data, config.weight_ema)
+
+    def _launch(self, flat, grad, m, v, acc, start, end, mode, s: _Scalars, plan, out) -> None:
+        n = end - start
+        if n == 0:
+            return
+        sl = slice(start, end)
+        dummy = m[sl]
+        cand, count = out if out is not None else (dummy, dummy)
+        cuda = flat.is_cuda
+        extra = {} if _INTERPRET else {"enable_fp_fusion": False}
+        grid = (triton.cdiv(n, self.block_size),)
+        _adamw_merge_kernel[grid](
+            _as_kernel_arg(flat[sl]),
+            _as_kernel_arg(grad[sl]),
+            _as_kernel_arg(m[sl]),
+            _as_kernel_arg(v[sl]),
+            acc[sl] if (acc is not None and mode != MODE_MOMENTS) else dummy,
+            cand,
+            count,
+            n,
+            s.lerp_weight,
+            s.beta2,
+            s.addcmul_value,
+            s.decay,
+            s.neg_step_size,
+            s.bc2_sqrt,
+            s.inv_bc2_sqrt,
+            s.eps,
+            plan.cut if plan is not None else 0.0,
+            plan.capacity if plan is not None else 0,
+            PARAM_BF16=flat.dtype == torch.bfloat16,
+            STATE_BF16=m.dtype == torch.bfloat16,
+            WEIGHT_DECAY=s.weight_decay,
+            NEGATE_GRAD=s.negate_grad,
+            LERP_SMALL=s.lerp_small,
+            MODE=mode,
+            CANDIDATES=plan is not None,
+            # torch's CUDA kernel divides by a scalar through its reciprocal; its CPU kernel divides.
+            RECIPROCAL_DIV=cuda,
+            BLOCK=self.block_size,
+            **extra,
+        )
+
+    # ---------------------------------------------------------------- OnDARE
+    def _dare_merge(
+        self, param: torch.Tensor, index: int, seg: Segment, segment: torch.Tensor, update: AdamUpdate,
+        reference: ReferenceDelta | None, step: int,
+    ) -> MergeStats:
+        """merge_segment's OnDARE branch (K = 1, fixed reference mask). The update's keep-mask is
+        drawn inside `_dare_update_kernel` where possible, else with the engine's generator run on
+        the parameter's device (the engine draws on the CPU); the fixed reference term is built
+        once and cached on the device. Kept counts and norms stay on the device until
+        merge_stats() is called, so a step needs no host synchronisation here."""
+        config, coords, name = self.merge_config, seg.coords, seg.name
+        stats = MergeStats(numel=segment.numel(), merges=1)
+        device_stats = self._device_stats_on(segment.device)
+        cache = self._segment_cache.setdefault(param, {}).setdefault(index, {})
+        if "span" not in cache:
+            cache["span"] = (coords.is_contiguous, *coords.global_span())
+        contiguous, lo, hi = cache["span"]
+        if contiguous and config.keep_rate < 1.0 and not config.l1_rescale and not self.track_update_norm:
+            self._launch_dare_update(segment, update, seg, step, device_stats, lo, hi)
+            self.kernel_counts["dare_kernel"] += 1
+        else:
+            self.kernel_counts["dare_torch"] += 1
+            positions = keep_positions_on(segment.device, config.seed, name, step, rng.STREAM_UPDATE, coords, config.keep_rate)
+            values = update.at(positions)
+            if config.dare_rescale:
+                values = dare_rescale(values, config.keep_rate)
+            if config.l1_rescale:
+                values = l1_rescale(values, update.dense())
+            stats.kept = positions.numel()
+            if self.track_update_norm:
+                stats.update_sq = float(update.magnitude().double().square().sum())
+            step_update = values * (1.0 - config.alpha)
+            segment[positions] += step_update
+            device_stats[1] += step_update.double().square().sum()
+        if config.alpha > 0.0:
+            if reference is None:
+                raise ValueError(f"{name!r}: alpha={config.alpha} needs a reference delta; call set_reference_delta first")
+            if "reference" not in cache:
+                # The fixed mask is drawn at step 0 and the values never change: alpha * F(tau) is
+                # one fixed sparse vector, built once per run (or resume).
+                positions = keep_positions_on(segment.device, config.seed, name, 0, rng.STREAM_REFERENCE, coords, config.keep_rate)
+                step_reference = reference.values.to(segment.device) * config.alpha
+                cache["reference"] = (positions, step_reference, float(step_reference.double().square().sum()))
+            positions, step_reference, reference_sq = cache["reference"]
+            stats.reference_kept = positions.numel()
+            stats.merged_sq += reference_sq
+            if segment.dtype == step_reference.dtype:
+                # One launch; positions are distinct, so each element gets exactly one rounded addition.
+                segment.index_add_(0, positions, step_reference)
+            else:
+                segment[positions] += step_reference  # bf16 + fp32, rounded once to bf16, as the engine
+        return stats
+
+    def _launch_dare_update(
+        self, segment: torch.Tensor, update: AdamUpdate, seg: Segment, step: int, device_stats: torch.Tensor, lo: int, hi: int
+    ) -> None:
+        config = self.merge_config
+        if hi < lo:
+            return
+        lookup, thresholds = self._gap_tables_on(segment.device, config.keep_rate)
+        key0, key1 = rng.mask_key(config.seed, seg.name)
+        expected = config.keep_rate * rng.BLOCK
+        # Philox calls drawn per loop turn: about one turn per mask block (capped for registers).
+        calls = min(1024, triton.next_power_of_2(int((expected + 4.5 * math.sqrt(expected) + 8) / 4) + 1))
+        cuda = segment.is_cuda
+        extra = {} if _INTERPRET else {"enable_fp_fusion": False}
+        first_block, last_block = lo // rng.BLOCK, hi // rng.BLOCK
+        _dare_update_kernel[(last_block - first_block + 1,)](
+            _as_kernel_arg(segment),
+            _as_kernel_arg(update.exp_avg),
+            _as_kernel_arg(update.exp_avg_sq),
+            lookup,
+            thresholds,
+            device_stats,
+            key0 | (key1 << 32),
+            first_block,
+            lo,
+            hi,
+            step,
+            rng.STREAM_UPDATE,
+            thresholds.numel(),
+            _f32(update.bias_correction2_sqrt),
+            _cuda_scalar_reciprocal(update.bias_correction2_sqrt),
+            _f32(update.eps),
+            _f32(-update.step_size),
+            _f32(config.keep_rate),
+            _cuda_scalar_reciprocal(config.keep_rate),
+            _f32(1.0 - config.alpha),
+            PARAM_BF16=segment.dtype == torch.bfloat16,
+            STATE_BF16=update.exp_avg.dtype == torch.bfloat16,
+            RESCALE=config.dare_rescale,
+            RECIPROCAL_DIV=cuda,
+            CALLS=calls,
+            SEARCH_STEPS=max(1, int(thresholds.numel()).bit_length() + 1),
+            MASK_BLOCK=rng.BLOCK,
+            **extra,
+        )
+
+    def _gap_tables_on(self, device: torch.device, keep_rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The engine's geometric-gap tables (bucket lookup as int32, thresholds), cached per device."""
+        key = (device, keep_rate)
+        if key not in self._gap_tables:
+            thresholds, lookup = rng._gap_tables(keep_rate)
+            self._gap_tables[key] = (lookup.to(device=device, dtype=torch.int32), thresholds.to(device))
+        return self._gap_tables[key]
+
+    def _device_stats_on(self, device: torch.device) -> torch.Tensor:
+        """[kept, merged squared norm, sign conflicts] summed on the device between merge_stats() calls."""
+        if device not in self._device_stats:
+            self._device_stats[device] = torch.zeros(3, dtype=torch.float64, device=device)
+        return self._device_stats[device]
+
+    def merge_stats(self, reset: bool = True) -> dict[str, float]:
+        for device_stats in self._device_stats.values():
+            kept, merged_sq, sign_conflicts = device_stats.tolist()
+            self._stats.kept += int(kept)
+            self._stats.merged_sq += merged_sq
+            self._stats.sign_conflicts += int(sign_conflicts)
+            device_stats.zero_()
+        return super().merge_stats(reset)
+
+    # ---------------------------------------------------------------- OnTIES
+    def _ties_fast_path_applies(self, seg: Segment, config: OnlineMergeConfig) -> int | None:
+        """k when the candidate path can run on this segment, else None."""
+        coords = seg.coords
+        if config.ties_scope == "tensor" and coords.numel != coords.global_numel:
+            return None  # the per-tensor threshold needs the other ranks' candidates: engine path
+        k = top_k_count(coords.numel, config.keep_rate)
+        return k if 1 <= k < coords.numel else None
+
+    def _ties_plan(self, param: torch.Tensor, index: int, seg: Segment, config: OnlineMergeConfig) -> _TiesPlan | None:
+        k = self._ties_fast_path_applies(seg, config)
+        cut = self._ties_cuts.get(param, {}).get(index)
+        if k is None or cut is None:
+            return None
+        return _TiesPlan(k=k, cut=cut, capacity=min(seg.coords.numel, _CAPACITY * k + 1024))
+
+    def _remember_cut(self, param: torch.Tensor, index: int, cut: float | None) -> None:
+        cuts = self._ties_cuts.setdefault(param, {})
+        if cut is None or not math.isfinite(cut):
+            cuts.pop(index, None)
+        else:
+            cuts[index] = cut
+
+    @staticmethod
+    def _next_cut(magnitude: torch.Tensor, k: int) -> float:
+        """A cut for the next merge: about 2 k elements deep into ``magnitude`` (all of a segment, or
+        its candidates), lowered a little more, because magnitudes drift between steps and a cut
+        that leaves fewer than k candidates costs a fallback, while extra candidates cost little."""
+        n = magnitude.numel()
+        if n > 4 * _SAMPLE:
+            sample = magnitude[:: n // _SAMPLE]
+            expected = k / n * sample.numel()
+            rank = min(sample.numel(), int(_CUT_DEPTH * expected + 4.0 * expected**0.5 + 16))
+            value = torch.kthvalue(sample, sample.numel() - rank + 1).values
+        else:
+            rank = min(n, int(_CUT_DEPTH * k) + 16)
+            value = torch.kthvalue(magnitude, n - rank + 1).values
+        # Rounded to float32 here, so the kernel compares against exactly the cut the proof uses.
+        return _f32(float(value) * _CUT_LOWER)
+
+    def _select_from_candidates(
+        self, update: Any, coords: ShardCoords, plan: _TiesPlan, out: tuple[torch.Tensor, torch.Tensor], margin: float
+    ) -> tuple[torch.Tensor, float] | None:
+        """The engine's top-k positions from the kernel's candidates, or None when they cannot be proven complete."""
+        cand, count = out
+        found = int(count.item())
+        if found < plan.k or found > plan.capacity:
+            self.kernel_counts["ties_too_few" if found < plan.k else "ties_too_many"] += 1
+            return None
+        cand = torch.sort(cand[:found]).values
+        # The engine's magnitudes at the candidates, bit for bit: |update.at(pos)| == update.magnitude()[pos].
+        sub = update.at(cand).abs()
+        index_of_sub = lambda pos: coords.global_index(cand[pos])  # noqa: E731
+        threshold = top_k_threshold(sub, plan.k, index_of_sub)
+        kth = threshold.magnitude if threshold is not None else float(sub.min())
+        # Every non-candidate has kernel magnitude < cut, so engine magnitude < cut * (1 + margin);
+        # if the k-th largest candidate is at least that, no non-candidate can be in the top k.
+        if not kth >= plan.cut * (1.0 + margin):
+            self.kernel_counts["ties_margin"] += 1
+            return None
+        positions = cand[above_threshold(sub, threshold, index_of_sub)]
+        return positions, self._next_cut(sub, plan.k)
+
+    def _ties_merge(
+        self,
+        param: torch.Tensor,
+        index: int,
+        seg: Segment,
+        segment: torch.Tensor,
+        adam_update: AdamUpdate,
+        accumulator: torch.Tensor | None,
+        reference: ReferenceDelta | None,
+        step: int,
+        plan: _TiesPlan | None,
+        out: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> MergeStats:
+        """merge_segment's OnTIES branch after the kernel (the step-K roll-back is already done)."""
+        config, coords, name = self.merge_config, seg.coords, seg.name
+        update = _WithAccumulator(adam_update, accumulator) if accumulator is not None else adam_update
+        stats = MergeStats(numel=segment.numel())
+        selected = None
+        if plan is not None and out is not None:
+            selected = self._select_from_candidates(update, coords, plan, out, _MARGIN[adam_update.exp_avg.dtype])
+        if selected is not None:
+            positions, next_cut = selected
+            self.kernel_counts["ties_fast"] += 1
+        else:
+            magnitude = update.magnitude()
+            positions = ties_positions(magnitude, config.keep_rate, config.ties_scope, coords, self._exchange(seg), name)
+            k = self._ties_fast_path_applies(seg, config)
+            next_cut = self._next_cut(magnitude, k) if k is not None else None
+            if k is None:
+                self.kernel_counts["ties_not_applicable"] += 1
+            elif plan is None:
+                self.kernel_counts["ties_no_cut"] += 1
+        self._remember_cut(param, index, next_cut)
+
+        values = update.at(positions)
+        if config.l1_rescale:
+            values = l1_rescale(values, update.dense())
+        stats.kept, stats.merges = positions.numel(), 1
+        if self.track_update_norm:
+            stats.update_sq = float(update.magnitude().double().square().sum())
+        if config.alpha > 0.0:
+            if reference is None:
+                raise ValueError(f"{name!r}: alpha={config.alpha} needs a reference delta; call set_reference_delta first")
+            reference_positions, reference_values = reference.kept(config, name, coords, step)
+            stats.reference_kept = reference_positions.numel()
+        else:
+            reference_positions, reference_values = positions[:0], values[:0]
+        union, inverse = torch.unique(torch.cat([positions, reference_positions]), return_inverse=True)
+        update_at = values.new_zeros(union.numel()).index_put_((inverse[: positions.numel()],), values)
+        reference_at = values.new_zeros(union.numel()).index_put_((inverse[positions.numel() :],), reference_values)
+        elect = consensus.sign_weighted if config.sign_election == "weighted" else consensus.sign_unweighted
+        step_values = elect(update_at, reference_at, config.alpha)
+        segment[union] += step_values
+        # Logged statistics stay on the device (no synchronisation), as consensus.sign_conflicts counts.
+        device_stats = self._device_stats_on(segment.device)
+        device_stats[2] += ((update_at * reference_at) < 0).sum()
+        device_stats[1] += step_values.double().square().sum()
+        if accumulator is not None:
+            accumulator.zero_()
+        return stats

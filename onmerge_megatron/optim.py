@@ -256,8 +256,11 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         config = self.merge_config
         built: dict[torch.Tensor, list[ReferenceDelta]] = {}
         for param, _ in self._names():
+            # Built where the delta comes from, kept where the parameter lives (the merge indexes both).
             built[param] = [
-                ReferenceDelta.build(delta_fn(seg.name, seg.coords), config, seg.name, seg.coords, self._exchange(seg))
+                ReferenceDelta.build(delta_fn(seg.name, seg.coords), config, seg.name, seg.coords, self._exchange(seg)).to(
+                    _local(param).device
+                )
                 for seg in self.segments(param)
             ]
         for param, refs in built.items():
@@ -356,11 +359,8 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
                 self._step_param(param, _local(param), _local(param.grad), group, lr, beta1, beta2, eps, weight_decay, config)
         return loss
 
-    def _step_param(self, param, data, grad, group, lr, beta1, beta2, eps, weight_decay, config) -> None:
-        if grad.is_sparse:
-            raise RuntimeError("OnlineMergingAdamW does not support sparse gradients")
-        if group["maximize"]:
-            grad = -grad
+    def _init_state(self, param: torch.Tensor, data: torch.Tensor, config: OnlineMergeConfig) -> dict[str, Any]:
+        """The parameter's state, created at its first step (checked for a reference delta first)."""
         state = self.state[param]
         if "step" not in state:
             if config.needs_reference and "reference_values" not in state:
@@ -375,6 +375,14 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
                 state["merge_accumulator"] = torch.zeros_like(data, dtype=torch.float32)
             if config.weight_ema > 0:
                 state["weight_ema"] = data.detach().clone()
+        return state
+
+    def _step_param(self, param, data, grad, group, lr, beta1, beta2, eps, weight_decay, config) -> None:
+        if grad.is_sparse:
+            raise RuntimeError("OnlineMergingAdamW does not support sparse gradients")
+        if group["maximize"]:
+            grad = -grad
+        state = self._init_state(param, data, config)
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         state["step"] += 1
         step = int(state["step"].item())

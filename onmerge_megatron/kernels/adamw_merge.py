@@ -39,7 +39,7 @@ import torch
 from ..merging import consensus, rng
 from ..merging.config import OnlineMergeConfig
 from ..merging.coords import ShardCoords
-from ..merging.merger import MergeStats, _WithAccumulator, merge_segment
+from ..merging.merger import MergeStats, _WithAccumulator, apply_merge, merge_segment
 from ..merging.reference import ReferenceDelta
 from ..merging.sparsify import _SAMPLE, above_threshold, dare_rescale, l1_rescale, ties_positions, top_k_count, top_k_threshold
 from ..optim import AdamUpdate, OnlineMergingAdamW, Segment
@@ -290,28 +290,6 @@ if triton is not None:
         tl.atomic_add(stats_ptr + 1, merged_sq)
 
 
-def keep_positions_on(
-    device: torch.device, seed: int, name: str, step: int, stream: int, coords: ShardCoords, keep_rate: float
-) -> torch.Tensor:
-    """`rng.keep_positions` with the generator run on ``device`` (same positions, bit for bit).
-
-    The engine's function builds its block indices on the CPU, so on a GPU it would draw every
-    mask on the host; the generator itself is device-agnostic torch code.
-    """
-    if keep_rate >= 1.0:
-        return torch.arange(coords.numel, dtype=torch.int64, device=device)
-    lo, hi = coords.global_span()
-    if hi < lo:
-        return torch.empty(0, dtype=torch.int64, device=device)
-    blocks = torch.arange(lo // rng.BLOCK, hi // rng.BLOCK + 1, dtype=torch.int64, device=device)
-    kept = rng._block_positions(rng.mask_key(seed, name), step, stream, blocks, keep_rate)
-    kept = kept[(kept >= lo) & (kept <= hi)]
-    if coords.is_contiguous:
-        return kept - lo
-    _, positions = coords.local_position(kept)
-    return positions
-
-
 def _f32(x: float) -> float:
     """A Python scalar as torch rounds it for a float32 / bf16 op (double -> float, nearest even)."""
     return float(numpy.float32(x))
@@ -412,15 +390,6 @@ class FusedOnlineMergingAdamW(OnlineMergingAdamW):
 
     def set_reference_delta(self, *args: Any, **kwargs: Any) -> None:
         super().set_reference_delta(*args, **kwargs)
-        # The engine keeps the reference state where the delta came from (often the CPU); the
-        # kernels' sparse tails index it together with the parameter, so it lives on its device.
-        for param, _ in self._names():
-            device = (param._local_tensor if hasattr(param, "_local_tensor") else param).device
-            state = self.state[param]
-            for key in ("reference_values", "reference_positions", "reference_delta"):
-                if key in state and state[key].device != device:
-                    state[key] = state[key].to(device)
-        self._references = {}
         self._segment_cache.clear()
 
     # ---------------------------------------------------------------- dispatch
@@ -442,24 +411,6 @@ class FusedOnlineMergingAdamW(OnlineMergingAdamW):
         if state["exp_avg"].dtype not in _MARGIN or state["exp_avg_sq"].dtype != state["exp_avg"].dtype:
             return False
         return all(t.is_contiguous() and t.device == data.device for t in tensors)
-
-    def _init_state(self, param: torch.Tensor, data: torch.Tensor, config: OnlineMergeConfig) -> dict:
-        # The engine's state initialisation, unchanged (same keys, dtypes and checks).
-        state = self.state[param]
-        if "step" not in state:
-            if config.needs_reference and "reference_values" not in state:
-                raise RuntimeError(
-                    f"online merge: no reference delta for {self.segments(param)[0].name!r}; "
-                    "call set_reference_delta(...) before the first step (or use alpha=0 / method='none')"
-                )
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(data, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(data, memory_format=torch.preserve_format)
-            if config.merges and config.merge_every > 1:
-                state["merge_accumulator"] = torch.zeros_like(data, dtype=torch.float32)
-            if config.weight_ema > 0:
-                state["weight_ema"] = data.detach().clone()
-        return state
 
     def _step_param(self, param, data, grad, group, lr, beta1, beta2, eps, weight_decay, config) -> None:
         if grad.is_sparse:
@@ -606,8 +557,8 @@ class FusedOnlineMergingAdamW(OnlineMergingAdamW):
         reference: ReferenceDelta | None, step: int,
     ) -> MergeStats:
         """merge_segment's OnDARE branch (K = 1, fixed reference mask). The update's keep-mask is
-        drawn inside `_dare_update_kernel` where possible, else with the engine's generator run on
-        the parameter's device (the engine draws on the CPU); the fixed reference term is built
+        drawn inside `_dare_update_kernel` where possible, else with the engine's generator on the
+        parameter's device; the fixed reference term is built
         once and cached on the device. Kept counts and norms stay on the device until
         merge_stats() is called, so a step needs no host synchronisation here."""
         config, coords, name = self.merge_config, seg.coords, seg.name
@@ -622,7 +573,7 @@ class FusedOnlineMergingAdamW(OnlineMergingAdamW):
             self.kernel_counts["dare_kernel"] += 1
         else:
             self.kernel_counts["dare_torch"] += 1
-            positions = keep_positions_on(segment.device, config.seed, name, step, rng.STREAM_UPDATE, coords, config.keep_rate)
+            positions = rng.keep_positions(config.seed, name, step, rng.STREAM_UPDATE, coords, config.keep_rate, segment.device)
             values = update.at(positions)
             if config.dare_rescale:
                 values = dare_rescale(values, config.keep_rate)
@@ -640,7 +591,7 @@ class FusedOnlineMergingAdamW(OnlineMergingAdamW):
             if "reference" not in cache:
                 # The fixed mask is drawn at step 0 and the values never change: alpha * F(tau) is
                 # one fixed sparse vector, built once per run (or resume).
-                positions = keep_positions_on(segment.device, config.seed, name, 0, rng.STREAM_REFERENCE, coords, config.keep_rate)
+                positions = rng.keep_positions(config.seed, name, 0, rng.STREAM_REFERENCE, coords, config.keep_rate, segment.device)
                 step_reference = reference.values.to(segment.device) * config.alpha
                 cache["reference"] = (positions, step_reference, float(step_reference.double().square().sum()))
             positions, step_reference, reference_sq = cache["reference"]
@@ -800,7 +751,6 @@ class FusedOnlineMergingAdamW(OnlineMergingAdamW):
         """merge_segment's OnTIES branch after the kernel (the step-K roll-back is already done)."""
         config, coords, name = self.merge_config, seg.coords, seg.name
         update = _WithAccumulator(adam_update, accumulator) if accumulator is not None else adam_update
-        stats = MergeStats(numel=segment.numel())
         selected = None
         if plan is not None and out is not None:
             selected = self._select_from_candidates(update, coords, plan, out, _MARGIN[adam_update.exp_avg.dtype])
@@ -821,26 +771,9 @@ class FusedOnlineMergingAdamW(OnlineMergingAdamW):
         values = update.at(positions)
         if config.l1_rescale:
             values = l1_rescale(values, update.dense())
-        stats.kept, stats.merges = positions.numel(), 1
+        stats = apply_merge(segment, positions, values, config, name, coords, step, reference)
         if self.track_update_norm:
-            stats.update_sq = float(update.magnitude().double().square().sum())
-        if config.alpha > 0.0:
-            if reference is None:
-                raise ValueError(f"{name!r}: alpha={config.alpha} needs a reference delta; call set_reference_delta first")
-            reference_positions, reference_values = reference.kept(config, name, coords, step)
-            stats.reference_kept = reference_positions.numel()
-        else:
-            reference_positions, reference_values = positions[:0], values[:0]
-        union, inverse = torch.unique(torch.cat([positions, reference_positions]), return_inverse=True)
-        update_at = values.new_zeros(union.numel()).index_put_((inverse[: positions.numel()],), values)
-        reference_at = values.new_zeros(union.numel()).index_put_((inverse[positions.numel() :],), reference_values)
-        elect = consensus.sign_weighted if config.sign_election == "weighted" else consensus.sign_unweighted
-        step_values = elect(update_at, reference_at, config.alpha)
-        segment[union] += step_values
-        # Logged statistics stay on the device (no synchronisation), as consensus.sign_conflicts counts.
-        device_stats = self._device_stats_on(segment.device)
-        device_stats[2] += ((update_at * reference_at) < 0).sum()
-        device_stats[1] += step_values.double().square().sum()
+            stats.update_sq = update.magnitude().double().square().sum()
         if accumulator is not None:
             accumulator.zero_()
         return stats

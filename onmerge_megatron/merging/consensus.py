@@ -28,6 +28,6 @@ def sign_weighted(update: torch.Tensor, reference: torch.Tensor, alpha: float) -
     return torch.where(agree, a + b, disagree_sum)
 
 
-def sign_conflicts(update: torch.Tensor, reference: torch.Tensor) -> int:
-    """Positions where both terms are kept and their signs differ (a logged statistic)."""
-    return int(((update * reference) < 0).sum())
+def sign_conflicts(update: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Positions where both terms are kept and their signs differ (a logged statistic, 0-d tensor)."""
+    return ((update * reference) < 0).sum()

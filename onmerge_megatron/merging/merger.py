@@ -74,36 +74,47 @@ class _WithAccumulator:
 
 @dataclass
 class MergeStats:
-    """Counts and squared norms summed over the segments merged in a step (for logging)."""
+    """Counts and squared norms summed over the segments merged in a step (for logging).
+
+    Norms and conflict counts may be 0-d tensors on the parameters' device, so that logging costs
+    no host synchronisation until `as_dict` is called.
+    """
 
     numel: int = 0
     kept: int = 0
     reference_kept: int = 0
-    sign_conflicts: int = 0
-    merged_sq: float = 0.0
-    update_sq: float = 0.0
     merges: int = 0
+    sign_conflicts: float | torch.Tensor = 0
+    merged_sq: float | torch.Tensor = 0.0
+    update_sq: float | torch.Tensor = 0.0
 
     def add(self, other: "MergeStats") -> None:
-        for name in ("numel", "kept", "reference_kept", "sign_conflicts", "merged_sq", "update_sq", "merges"):
+        for name in ("numel", "kept", "reference_kept", "merges", "sign_conflicts", "merged_sq", "update_sq"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def as_dict(self) -> dict[str, float]:
         """Summary values: kept fraction, norms of the update before and after merging, conflicts."""
+        kept = self.kept
         return {
-            "kept_fraction": self.kept / self.numel if self.numel else 0.0,
-            "update_norm": self.update_sq**0.5,
-            "merged_norm": self.merged_sq**0.5,
-            "sign_conflict_rate": self.sign_conflicts / self.kept if self.kept else 0.0,
+            "kept_fraction": kept / self.numel if self.numel else 0.0,
+            "update_norm": float(self.update_sq) ** 0.5,
+            "merged_norm": float(self.merged_sq) ** 0.5,
+            "sign_conflict_rate": float(self.sign_conflicts) / kept if kept else 0.0,
         }
 
 
-def _sparsified_update(
-    update: Update, config: OnlineMergeConfig, name: str, coords: ShardCoords, step: int, exchange: Exchange | None
+def sparsified_update(
+    update: Update,
+    config: OnlineMergeConfig,
+    name: str,
+    coords: ShardCoords,
+    step: int,
+    exchange: Exchange | None,
+    device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions, values) of F(update)."""
+    """(positions, values) of F(update): DARE's random mask or TIES's top-p."""
     if config.method == "dare":
-        positions = rng.keep_positions(config.seed, name, step, rng.STREAM_UPDATE, coords, config.keep_rate)
+        positions = rng.keep_positions(config.seed, name, step, rng.STREAM_UPDATE, coords, config.keep_rate, device)
         values = update.at(positions)
         if config.dare_rescale:
             values = dare_rescale(values, config.keep_rate)
@@ -113,6 +124,47 @@ def _sparsified_update(
     if config.l1_rescale:
         values = l1_rescale(values, update.dense())
     return positions, values
+
+
+def apply_merge(
+    param: torch.Tensor,
+    positions: torch.Tensor,
+    values: torch.Tensor,
+    config: OnlineMergeConfig,
+    name: str,
+    coords: ShardCoords,
+    step: int,
+    reference: ReferenceDelta | None,
+) -> MergeStats:
+    """Add the consensus of F(update) (``values`` at ``positions``) and alpha F(reference_delta) to param."""
+    stats = MergeStats(numel=param.numel(), kept=positions.numel(), merges=1)
+    if config.alpha > 0.0:
+        if reference is None:
+            raise ValueError(f"{name!r}: alpha={config.alpha} needs a reference delta; call set_reference_delta first")
+        reference_positions, reference_values = reference.kept(config, name, coords, step)
+        stats.reference_kept = reference_positions.numel()
+    else:
+        reference_positions, reference_values = positions[:0], values[:0]
+
+    if config.method == "dare":
+        # Linear consensus needs no alignment of the two kept sets: theta += (1 - a) F(u), then += a F(r).
+        step_update = values * (1.0 - config.alpha)
+        param[positions] += step_update
+        step_reference = reference_values * config.alpha
+        param[reference_positions] += step_reference
+        stats.merged_sq = step_update.double().square().sum() + step_reference.double().square().sum()
+        return stats
+    # Sign consensus in fp32 whatever the parameter dtype, on the union of the two kept sets.
+    values, reference_values = values.float(), reference_values.float()
+    union, inverse = torch.unique(torch.cat([positions, reference_positions]), return_inverse=True)
+    update_at = values.new_zeros(union.numel()).index_put_((inverse[: positions.numel()],), values)
+    reference_at = values.new_zeros(union.numel()).index_put_((inverse[positions.numel() :],), reference_values)
+    elect = consensus.sign_weighted if config.sign_election == "weighted" else consensus.sign_unweighted
+    step_values = elect(update_at, reference_at, config.alpha)
+    param[union] += step_values.to(param.dtype)
+    stats.sign_conflicts = consensus.sign_conflicts(update_at, reference_at)
+    stats.merged_sq = step_values.double().square().sum()
+    return stats
 
 
 def merge_segment(
@@ -132,10 +184,9 @@ def merge_segment(
     ``accumulator`` is the step-K state (same shape as param; needed when merge_every > 1).
     ``exchange`` gathers top-k candidates across ranks for ties_scope='tensor' on a shard.
     """
-    stats = MergeStats(numel=param.numel())
     if not config.merges:
         param.add_(update.dense())
-        return stats
+        return MergeStats(numel=param.numel())
     if config.merge_every > 1:
         if accumulator is None:
             raise ValueError(f"{name!r}: merge_every={config.merge_every} needs an accumulator")
@@ -143,38 +194,14 @@ def merge_segment(
             plain = update.dense()
             param.add_(plain)
             accumulator.add_(plain)
-            return stats
+            return MergeStats(numel=param.numel())
         param.sub_(accumulator)  # roll back the plain updates; they are merged with this one
         update = _WithAccumulator(update, accumulator)
 
-    positions, values = _sparsified_update(update, config, name, coords, step, exchange)
-    stats.kept, stats.merges = positions.numel(), 1
+    positions, values = sparsified_update(update, config, name, coords, step, exchange, param.device)
+    stats = apply_merge(param, positions, values, config, name, coords, step, reference)
     if track_update_norm:
-        stats.update_sq = float(update.magnitude().double().square().sum())
-    if config.alpha > 0.0:
-        if reference is None:
-            raise ValueError(f"{name!r}: alpha={config.alpha} needs a reference delta; call set_reference_delta first")
-        reference_positions, reference_values = reference.kept(config, name, coords, step)
-        stats.reference_kept = reference_positions.numel()
-    else:
-        reference_positions, reference_values = positions[:0], values[:0]
-
-    if config.method == "dare":
-        # Linear consensus needs no alignment of the two kept sets: theta += (1 - a) F(u), then += a F(r).
-        step_update = values * (1.0 - config.alpha)
-        param[positions] += step_update
-        step_reference = reference_values * config.alpha
-        param[reference_positions] += step_reference
-        stats.merged_sq = float(step_update.double().square().sum() + step_reference.double().square().sum())
-    else:
-        union, inverse = torch.unique(torch.cat([positions, reference_positions]), return_inverse=True)
-        update_at = values.new_zeros(union.numel()).index_put_((inverse[: positions.numel()],), values)
-        reference_at = values.new_zeros(union.numel()).index_put_((inverse[positions.numel() :],), reference_values)
-        elect = consensus.sign_weighted if config.sign_election == "weighted" else consensus.sign_unweighted
-        step_values = elect(update_at, reference_at, config.alpha)
-        param[union] += step_values
-        stats.sign_conflicts = consensus.sign_conflicts(update_at, reference_at)
-        stats.merged_sq = float(step_values.double().square().sum())
+        stats.update_sq = update.magnitude().double().square().sum()
     if config.merge_every > 1:
         accumulator.zero_()
     return stats

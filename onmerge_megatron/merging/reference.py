@@ -28,10 +28,12 @@ def _finish(values: torch.Tensor, config: OnlineMergeConfig) -> torch.Tensor:
     return values.to(torch.float32).contiguous()
 
 
-def reference_positions(config: OnlineMergeConfig, name: str, coords: ShardCoords, step: int) -> torch.Tensor:
+def reference_positions(
+    config: OnlineMergeConfig, name: str, coords: ShardCoords, step: int, device: torch.device | None = None
+) -> torch.Tensor:
     """Positions of the DARE reference mask: drawn once (step 0) or at every merge."""
     mask_step = step if config.reference_mask == "resampled" else 0
-    return rng.keep_positions(config.seed, name, mask_step, rng.STREAM_REFERENCE, coords, config.keep_rate)
+    return rng.keep_positions(config.seed, name, mask_step, rng.STREAM_REFERENCE, coords, config.keep_rate, device)
 
 
 @dataclass
@@ -61,7 +63,7 @@ class ReferenceDelta:
         if config.method == "dare":
             if config.reference_mask == "resampled":
                 return cls(values=delta.new_empty(0), dense=delta.clone())
-            positions = reference_positions(config, name, coords, 0)
+            positions = reference_positions(config, name, coords, 0, delta.device)
             return cls(values=_finish(delta[positions], config))
         positions = ties_positions(delta.abs(), config.keep_rate, config.ties_scope, coords, exchange, name)
         return cls(values=_finish(delta[positions], config), positions=positions.to(torch.int32 if coords.numel < 2**31 else torch.int64))
@@ -70,7 +72,7 @@ class ReferenceDelta:
         """(positions int64, values) of the sparsified reference delta for this merge."""
         if self.positions is not None:
             return self.positions.to(torch.int64), self.values
-        positions = reference_positions(config, name, coords, step)
+        positions = reference_positions(config, name, coords, step, self.values.device)
         if self.dense is not None:
             return positions, _finish(self.dense[positions], config)
         return positions, self.values
@@ -78,3 +80,7 @@ class ReferenceDelta:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.values, self.positions, self.dense) if t is not None)
+
+    def to(self, device: torch.device) -> "ReferenceDelta":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return ReferenceDelta(move(self.values), move(self.positions), move(self.dense))

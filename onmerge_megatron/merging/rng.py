@@ -75,9 +75,13 @@ def _gap_tables(keep_rate: float) -> tuple[torch.Tensor, torch.Tensor]:
     return thresholds, torch.where(gap_lo == gap_hi, gap_lo, -1)
 
 
+@functools.lru_cache(maxsize=16)
+def _gap_tables_on(keep_rate: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(t.to(device) for t in _gap_tables(keep_rate))
+
+
 def _gaps(words: torch.Tensor, keep_rate: float) -> torch.Tensor:
-    thresholds, lookup = _gap_tables(keep_rate)
-    thresholds, lookup = thresholds.to(words.device), lookup.to(words.device)
+    thresholds, lookup = _gap_tables_on(keep_rate, words.device)
     gaps = lookup[words >> 16]
     unresolved = gaps < 0
     if unresolved.any():
@@ -118,15 +122,21 @@ def _block_positions(key: tuple[int, int], step: int, stream: int, blocks: torch
 
 
 def keep_positions(
-    seed: int, name: str, step: int, stream: int, coords: ShardCoords, keep_rate: float
+    seed: int,
+    name: str,
+    step: int,
+    stream: int,
+    coords: ShardCoords,
+    keep_rate: float,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Shard positions (sorted by global index) kept by the Bernoulli(keep_rate) mask."""
+    """Shard positions (sorted by global index) kept by the Bernoulli(keep_rate) mask, on ``device``."""
     if keep_rate >= 1.0:
-        return torch.arange(coords.numel, dtype=torch.int64)
+        return torch.arange(coords.numel, dtype=torch.int64, device=device)
     lo, hi = coords.global_span()
     if hi < lo:
-        return torch.empty(0, dtype=torch.int64)
-    blocks = torch.arange(lo // BLOCK, hi // BLOCK + 1, dtype=torch.int64)
+        return torch.empty(0, dtype=torch.int64, device=device)
+    blocks = torch.arange(lo // BLOCK, hi // BLOCK + 1, dtype=torch.int64, device=device)
     kept = _block_positions(mask_key(seed, name), step, stream, blocks, keep_rate)
     kept = kept[(kept >= lo) & (kept <= hi)]
     if coords.is_contiguous:

@@ -120,7 +120,7 @@ def cases() -> list[tuple]:
         ("ties-fp32-K3-weighted", OnlineMergeConfig(**ties, merge_every=3, sign_election="weighted"), f32, 7, {}),
         ("dare-bf16", OnlineMergeConfig(**dare), bf16, 4, {}),
         ("dare-bf16-K2", OnlineMergeConfig(**dare, merge_every=2), bf16, 4, {}),
-        # The engine's TIES cannot merge a bf16 parameter with alpha > 0 (see docs/kernels.md).
+        ("ties-bf16", OnlineMergeConfig(**ties), bf16, 6, {}),
         ("ties-bf16-dropout", OnlineMergeConfig(**{**ties, "alpha": 0.0}), bf16, 6, {}),
         ("dare-fp32-sharded", OnlineMergeConfig(**dare), f32, 3, {"sharded": True}),
         # Several 2^16-index mask blocks, a segment starting inside a block, two Philox loop turns per block.

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from onmerge_megatron.kernels import FusedOnlineMergingAdamW, triton_available
-from onmerge_megatron.kernels.adamw_merge import keep_positions_on
 from onmerge_megatron.merging import OnlineMergeConfig, ShardCoords, rng
 from onmerge_megatron.optim import OnlineMergingAdamW
 
@@ -134,12 +133,13 @@ def test_falls_back_to_engine_on_cpu_without_interpreter():
         ShardCoords.block((300, 700), (150, 700), (150, 0), 1000, 60_000),
     ],
 )
-def test_keep_positions_on_device_equals_engine(coords):
-    """The device-side mask drawing used by the fused class gives the engine's positions."""
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_keep_positions_on_gpu_equals_cpu(coords):
+    """Masks drawn on the GPU (as the fused class does) are the CPU's, bit for bit."""
     for step, stream in ((0, rng.STREAM_REFERENCE), (7, rng.STREAM_UPDATE)):
         expected = rng.keep_positions(5, "layer.w", step, stream, coords, 0.01)
-        got = keep_positions_on(torch.device("cpu"), 5, "layer.w", step, stream, coords, 0.01)
-        assert torch.equal(expected, got)
+        got = rng.keep_positions(5, "layer.w", step, stream, coords, 0.01, torch.device("cuda"))
+        assert torch.equal(expected, got.cpu())
 
 
 def test_backend_is_validated():

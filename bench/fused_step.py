@@ -29,6 +29,7 @@ import torch
 
 from onmerge_megatron import OnlineMergeConfig, OnlineMergingAdamW
 from onmerge_megatron.kernels import FusedOnlineMergingAdamW, triton_available
+from optimizer_step import llama_shapes  # same folder: run as a script
 
 # Peak DRAM bandwidth in GB/s (vendor datasheets), matched against torch.cuda.get_device_name.
 PEAK_GBPS = [
@@ -45,24 +46,6 @@ PEAK_GBPS = [
     ("A10G", 600.0),
     ("RTX 4090", 1008.0),
 ]
-
-
-def llama_shapes(vocab: int, hidden: int, ffn: int, layers: int, kv_hidden: int) -> dict[str, tuple[int, ...]]:
-    shapes = {"embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden), "norm.weight": (hidden,)}
-    for i in range(layers):
-        p = f"layers.{i}."
-        shapes |= {
-            p + "self_attn.q_proj.weight": (hidden, hidden),
-            p + "self_attn.k_proj.weight": (kv_hidden, hidden),
-            p + "self_attn.v_proj.weight": (kv_hidden, hidden),
-            p + "self_attn.o_proj.weight": (hidden, hidden),
-            p + "mlp.gate_proj.weight": (ffn, hidden),
-            p + "mlp.up_proj.weight": (ffn, hidden),
-            p + "mlp.down_proj.weight": (hidden, ffn),
-            p + "input_layernorm.weight": (hidden,),
-            p + "post_attention_layernorm.weight": (hidden,),
-        }
-    return shapes
 
 
 def device_peak_gbps(device: torch.device, override: float | None) -> tuple[float | None, str]:

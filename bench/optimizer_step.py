@@ -17,14 +17,16 @@ import torch
 from onmerge_megatron import OnlineMergeConfig, OnlineMergingAdamW
 
 
-def llama_shapes(vocab: int, hidden: int, ffn: int, layers: int) -> dict[str, tuple[int, ...]]:
+def llama_shapes(vocab: int, hidden: int, ffn: int, layers: int, kv_hidden: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of a Llama-architecture model (kv_hidden < hidden: grouped-query attention)."""
+    kv_hidden = hidden if kv_hidden is None else kv_hidden
     shapes = {"embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden), "norm.weight": (hidden,)}
     for i in range(layers):
         p = f"layers.{i}."
         shapes |= {
             p + "self_attn.q_proj.weight": (hidden, hidden),
-            p + "self_attn.k_proj.weight": (hidden, hidden),
-            p + "self_attn.v_proj.weight": (hidden, hidden),
+            p + "self_attn.k_proj.weight": (kv_hidden, hidden),
+            p + "self_attn.v_proj.weight": (kv_hidden, hidden),
             p + "self_attn.o_proj.weight": (hidden, hidden),
             p + "mlp.gate_proj.weight": (ffn, hidden),
             p + "mlp.up_proj.weight": (ffn, hidden),

@@ -5,9 +5,8 @@ import torch
 
 from onmerge_megatron.merging import DenseUpdate, OnlineMergeConfig, ReferenceDelta, ShardCoords, merge_segment, rng
 from onmerge_megatron.merging.coords import Block
-from onmerge_megatron.merging.sparsify import top_k_positions
 
-from reference_impl import dare_mask, ties_consensus, top_k_mask
+from reference_impl import dare_mask, in_process_exchange, ties_consensus, top_k_mask
 
 SHAPE = (300, 1000)
 NAME = "decoder.layers.0.mlp.linear_fc1.weight"
@@ -96,29 +95,18 @@ LAYOUTS = {
 def sharded_step(config, layout, step=1, exchange_scope=False):
     param, update, delta = tensors()
     result = param.clone().view(-1)
-    pieces = [(coords, coords.gather(update).abs()) for coords in LAYOUTS[layout]]
+    k = int(param.numel() * config.keep_rate)
+    update_pieces = [(coords.gather(update).abs(), coords, k) for coords in LAYOUTS[layout]]
+    reference_pieces = [(coords.gather(delta).abs(), coords, k) for coords in LAYOUTS[layout]]
 
-    def exchange_over(magnitudes):
-        def exchange(values, indices):
-            k = int(param.numel() * config.keep_rate)
-            vs, ids = [], []
-            for coords, magnitude in magnitudes:
-                local = top_k_positions(magnitude, k, coords.global_index)
-                vs.append(magnitude[local])
-                ids.append(coords.global_index(local))
-            return torch.cat(vs), torch.cat(ids)
-
-        return exchange
-
-    reference_pieces = [(coords, coords.gather(delta).abs()) for coords in LAYOUTS[layout]]
-    for coords, _ in pieces:
+    for coords in LAYOUTS[layout]:
         shard = coords.gather(param).clone()
         reference = ReferenceDelta.build(
-            coords.gather(delta), config, NAME, coords, exchange_over(reference_pieces) if exchange_scope else None
+            coords.gather(delta), config, NAME, coords, in_process_exchange(reference_pieces) if exchange_scope else None
         )
         merge_segment(
             shard, DenseUpdate(coords.gather(update)), config, NAME, coords, step, reference,
-            exchange=exchange_over(pieces) if exchange_scope else None,
+            exchange=in_process_exchange(update_pieces) if exchange_scope else None,
         )
         result[coords.global_index(torch.arange(coords.numel))] = shard
     return result.view(SHAPE)

@@ -8,7 +8,7 @@ from onmerge_megatron.merging import consensus
 from onmerge_megatron.merging.coords import ShardCoords
 from onmerge_megatron.merging.sparsify import tensor_positions, top_k_count, top_k_positions
 
-from reference_impl import ties_consensus, top_k_mask
+from reference_impl import in_process_exchange, ties_consensus, top_k_mask
 
 
 def identity(pos):
@@ -67,20 +67,6 @@ def test_sampled_bracketing_is_exact_on_adversarial_inputs(make):
     assert torch.equal(kept_mask(n, positions), top_k_mask(magnitude, 0.01))
 
 
-def in_process_exchange(all_pieces, k):
-    """All-gather simulated in one process: every piece offers its local top-k candidates."""
-
-    def exchange(values, indices):
-        gathered_v, gathered_i = [], []
-        for magnitude, coords in all_pieces:
-            local = top_k_positions(magnitude, k, coords.global_index)
-            gathered_v.append(magnitude[local])
-            gathered_i.append(coords.global_index(local))
-        return torch.cat(gathered_v), torch.cat(gathered_i)
-
-    return exchange
-
-
 @pytest.mark.parametrize("ties", [False, True])
 def test_per_tensor_threshold_over_pieces_equals_whole(ties):
     shape = (64, 300)
@@ -88,11 +74,11 @@ def test_per_tensor_threshold_over_pieces_equals_whole(ties):
     if ties:
         whole = whole.round()  # few distinct values: ties everywhere
     layouts = [ShardCoords.block(shape, (64, 100), (0, c), a, b) for c in (0, 100, 200) for a, b in [(0, 3333), (3333, 6400)]]
-    pieces = [(coords.gather(whole).abs(), coords) for coords in layouts]
     k = top_k_count(whole.numel(), 0.05)
+    pieces = [(coords.gather(whole).abs(), coords, k) for coords in layouts]
     kept = []
-    for magnitude, coords in pieces:
-        local = tensor_positions(magnitude, k, coords.global_index, in_process_exchange(pieces, k))
+    for magnitude, coords, _ in pieces:
+        local = tensor_positions(magnitude, k, coords.global_index, in_process_exchange(pieces))
         kept.extend(coords.global_index(local).tolist())
     assert sorted(kept) == torch.nonzero(top_k_mask(whole, 0.05)).squeeze(1).tolist()
 

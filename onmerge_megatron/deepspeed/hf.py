@@ -1,0 +1,213 @@
+"""OnlineMergingAdamW in the Hugging Face Trainer and TRL trainers (DPOTrainer, KTOTrainer, ...).
+
+    from trl import DPOTrainer
+    from onmerge_megatron.deepspeed.hf import OnlineMergeArguments, with_online_merge
+
+    Trainer = with_online_merge(DPOTrainer)
+    trainer = Trainer(model=..., args=dpo_config, ..., online_merge=OnlineMergeArguments(
+        merge_method="dare", merge_keep_rate=0.01, merge_alpha=1e-7, merge_base_model="path/to/base"))
+
+Why a subclass: under DeepSpeed the Trainer discards an optimizer passed as ``optimizers=(opt, s)``
+(``deepspeed_init`` resets it and builds AdamW), and TRL trainers take no
+``optimizer_cls_and_kwargs``. The subclass builds OnlineMergingAdamW in ``create_optimizer``,
+which every backend calls (plain, DDP, DeepSpeed, FSDP2); an instance passed in ``optimizers`` is
+kept and used the same way instead of being dropped.
+
+The reference delta is installed at the first training step, once the backend has wrapped the
+model and loaded any checkpoint: on DeepSpeed through `install_online_merge` (ZeRO partitions),
+otherwise on the optimizer's own parameters (whole tensors, or FSDP2 DTensor shards).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..merging.config import OnlineMergeConfig
+from ..optim import OnlineMergingAdamW, _local
+from .checkpoint import load_universal_merge_state, resolve_tag
+from .sources import weight_source
+from .zero import UnsupportedDeepSpeedSetup, ZeroOnlineMerge, install_online_merge
+
+
+@dataclass
+class OnlineMergeArguments:
+    """Merge settings as command-line arguments (usable with HfArgumentParser / TrlParser)."""
+
+    merge_method: str = field(default="dare", metadata={"help": "dare (OnDARE), ties (OnTIES) or none (plain AdamW)"})
+    merge_keep_rate: float = field(default=0.01, metadata={"help": "p: fraction of each update kept"})
+    merge_alpha: float = field(default=1e-7, metadata={"help": "weight of the reference delta (SFT - base)"})
+    merge_every: int = field(default=1, metadata={"help": "K: merge every K optimizer steps (Algorithm 2)"})
+    merge_seed: int = field(default=0, metadata={"help": "key of the keep-masks"})
+    merge_ties_scope: str = field(default="shard", metadata={"help": "OnTIES top-p over each shard (shard) or whole tensor (tensor)"})
+    merge_options: str = field(default="{}", metadata={"help": "other OnlineMergeConfig fields as JSON, e.g. '{\"dare_rescale\": false}'"})
+    merge_base_model: str | None = field(default=None, metadata={"help": "local folder/file of the pre-trained (base) weights"})
+    merge_reference_model: str | None = field(
+        default=None, metadata={"help": "local folder/file of the SFT weights; default: the policy's weights at the first step"}
+    )
+
+    def to_config(self) -> OnlineMergeConfig:
+        extra = json.loads(self.merge_options) if isinstance(self.merge_options, str) else dict(self.merge_options)
+        return OnlineMergeConfig.from_dict(
+            dict(
+                method=self.merge_method,
+                keep_rate=self.merge_keep_rate,
+                alpha=self.merge_alpha,
+                merge_every=self.merge_every,
+                seed=self.merge_seed,
+                ties_scope=self.merge_ties_scope,
+                **extra,
+            ),
+            where="online merge arguments",
+        )
+
+
+def install_on_parameters(optimizer: OnlineMergingAdamW, base: Any = None, reference: Any = None) -> None:
+    """Reference delta for an optimizer stepping the model's own parameters (no DeepSpeed):
+    whole tensors (single process, DDP) or FSDP2 DTensor shards (each segment's block)."""
+    config = optimizer.merge_config
+    if not config.needs_reference:
+        return
+    states = [optimizer.state.get(p, {}) for group in optimizer.param_groups for p in group["params"]]
+    if reference is None and any("step" in s for s in states):
+        if all("reference_values" in s for s in states):
+            return  # resumed: the checkpoint restored each parameter's reference delta
+        raise ValueError(
+            "online merge: the optimizer has already stepped, so the weights are no longer the SFT weights; "
+            "pass the SFT weights as reference (merge_reference_model)"
+        )
+    if base is None:
+        raise ValueError("online merge: alpha > 0 needs the base (pre-trained) weights (merge_base_model)")
+    base_source = weight_source(base, "base")
+    reference_source = weight_source(reference, "reference") if reference is not None else None
+    current = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            flat = _local(p).detach().reshape(-1)
+            for seg in optimizer.segments(p):
+                current[(seg.name, seg.coords)] = flat[seg.slice]
+
+    def full(source: Any, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        numel = 1
+        for s in shape:
+            numel *= s
+        return source.read(name, shape, 0, numel).reshape(shape)
+
+    def piece(source: Any, name: str, coords: Any) -> torch.Tensor:
+        if coords.is_contiguous:  # a flat range (whole tensors, row shards): read just that
+            lo, _ = coords.global_span()
+            return source.read(name, coords.global_shape, lo, lo + coords.numel)
+        return coords.gather(full(source, name, coords.global_shape))
+
+    def delta_fn(name: str, coords: Any) -> torch.Tensor:
+        mine = current[(name, coords)]
+        ref = piece(reference_source, name, coords) if reference_source is not None else mine.float().cpu()
+        return (ref - piece(base_source, name, coords)).to(mine.device)
+
+    optimizer.set_reference_delta(delta_fn=delta_fn)
+
+
+class OnlineMergeTrainerMixin:
+    """Builds OnlineMergingAdamW in create_optimizer and installs the merge at the first step.
+
+    Put it before the Trainer class: ``class MyDPO(OnlineMergeTrainerMixin, DPOTrainer)``, or use
+    `with_online_merge`. Extra keyword argument: ``online_merge=OnlineMergeArguments(...)``.
+    """
+
+    def __init__(self, *args: Any, online_merge: OnlineMergeArguments | None = None, **kwargs: Any) -> None:
+        self.online_merge_args = online_merge if online_merge is not None else OnlineMergeArguments()
+        self.online_merge_config = self.online_merge_args.to_config()
+        self.online_merge: ZeroOnlineMerge | OnlineMergingAdamW | None = None
+        # An instance in optimizers=(opt, scheduler) would be dropped under DeepSpeed and refused
+        # under FSDP; keep it and hand it over in create_optimizer instead.
+        self._online_merge_given: OnlineMergingAdamW | None = None
+        optimizers = kwargs.get("optimizers")
+        if optimizers and isinstance(optimizers[0], OnlineMergingAdamW):
+            self._online_merge_given = optimizers[0]
+            kwargs["optimizers"] = (None, optimizers[1])
+            if online_merge is not None and optimizers[0].merge_config != self.online_merge_config:
+                raise ValueError(
+                    f"online merge trainer: the optimizer passed in optimizers= merges with {optimizers[0].merge_config}, "
+                    f"but online_merge= asks for {self.online_merge_config}; give the settings once"
+                )
+            self.online_merge_config = optimizers[0].merge_config
+        elif optimizers and optimizers[0] is not None:
+            raise TypeError(f"online merge trainer: optimizers[0] must be an OnlineMergingAdamW or None, got {type(optimizers[0]).__name__}")
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self) -> torch.optim.Optimizer:
+        if self.optimizer is not None:
+            return self.optimizer
+        if self._online_merge_given is not None:
+            self.optimizer = self._online_merge_given
+            return self.optimizer
+        model = self.model
+        decay = set(self.get_decay_parameter_names(model))
+        groups = []
+        for wd, keep in ((self.args.weight_decay, lambda n: n in decay), (0.0, lambda n: n not in decay)):
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and keep(n)]
+            if named:
+                # Names travel with the params: masks are keyed by them.
+                groups.append({"params": [p for _, p in named], "param_names": [n for n, _ in named], "weight_decay": wd})
+        self.optimizer = OnlineMergingAdamW(
+            groups,
+            lr=self.args.learning_rate,
+            betas=(self.args.adam_beta1, self.args.adam_beta2),
+            eps=self.args.adam_epsilon,
+            merge=self.online_merge_config,
+        )
+        return self.optimizer
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        # Remembered for universal checkpoints: DeepSpeed's ZeRO-3 loader skips the merge state.
+        self._online_merge_resume = resume_from_checkpoint
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.online_merge is None:
+            self._install_online_merge()
+        return super().training_step(*args, **kwargs)
+
+    def _install_online_merge(self) -> None:
+        a = self.online_merge_args
+        engine = getattr(self, "deepspeed", None) if getattr(self, "is_deepspeed_enabled", False) else None
+        if engine is not None:
+            self.online_merge = install_online_merge(engine, base=a.merge_base_model, reference=a.merge_reference_model)
+            resume = getattr(self, "_online_merge_resume", None)
+            if resume and engine.load_universal_checkpoint():
+                if resume is True:
+                    from transformers.trainer_utils import get_last_checkpoint
+
+                    resume = get_last_checkpoint(self.args.output_dir)
+                load_universal_merge_state(self.online_merge, resolve_tag(Path(resume), None))
+            return
+        wrapped = getattr(self, "model_wrapped", None)
+        if type(wrapped).__name__ == "FullyShardedDataParallel":
+            raise UnsupportedDeepSpeedSetup(
+                "online merge: FSDP1 (flat parameters) is not supported; use FSDP2 (accelerate fsdp_version: 2) or DeepSpeed"
+            )
+        optimizer = self.optimizer
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+        if not isinstance(inner, OnlineMergingAdamW):
+            raise UnsupportedDeepSpeedSetup(f"online merge: the trainer steps a {type(inner).__name__}, not OnlineMergingAdamW")
+        install_on_parameters(inner, base=a.merge_base_model, reference=a.merge_reference_model)
+        self.online_merge = inner
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        merged = self.online_merge
+        if merged is not None and "loss" in logs:
+            stats = merged.merge_stats()
+            optimizer = merged.optimizer if isinstance(merged, ZeroOnlineMerge) else merged
+            if not optimizer.track_update_norm:
+                stats.pop("update_norm", None)  # not measured: would read 0
+            logs.update({f"online_merge/{k}": v for k, v in stats.items()})
+        super().log(logs, *args, **kwargs)
+
+
+def with_online_merge(trainer_cls: type) -> type:
+    """``with_online_merge(DPOTrainer)``: the trainer class with `OnlineMergeTrainerMixin` in front."""
+    return type(f"OnlineMerge{trainer_cls.__name__}", (OnlineMergeTrainerMixin, trainer_cls), {})

@@ -265,15 +265,17 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
             ]
         for param, refs in built.items():
             state = self.state[param]
-            state["reference_values"] = torch.cat([r.values for r in refs])
+            # A parameter may hold no segment at all (a ZeRO-3 sub-group that is padding on this rank).
+            empty = _local(param).new_zeros(0, dtype=torch.float32)
+            state["reference_values"] = torch.cat([empty] + [r.values for r in refs])
             if config.method == "ties":
                 # Positions in the parameter's flat view; int32 unless a (ZeRO flat) tensor is that large.
                 dtype = torch.int32 if _local(param).numel() < 2**31 else torch.int64
                 state["reference_positions"] = torch.cat(
-                    [r.positions.to(dtype) + seg.offset for r, seg in zip(refs, self.segments(param))]
+                    [empty.to(dtype)] + [r.positions.to(dtype) + seg.offset for r, seg in zip(refs, self.segments(param))]
                 )
             if config.reference_mask == "resampled":
-                state["reference_delta"] = torch.cat([r.dense for r in refs])
+                state["reference_delta"] = torch.cat([empty] + [r.dense for r in refs])
         self._references = {}
 
     def _reference_views(self, param: torch.Tensor) -> list[ReferenceDelta] | None:

@@ -16,7 +16,8 @@ STEPS = 4
 
 def make_model(offset=0.0):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(33, 64), torch.nn.Tanh(), torch.nn.Linear(64, 5))
+    # The last layer has one row: on 2 ranks one holds all of it and the other an empty shard.
+    model = torch.nn.Sequential(torch.nn.Linear(33, 64), torch.nn.Tanh(), torch.nn.Linear(64, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(offset)

@@ -324,3 +324,38 @@ def test_two_gloo_ranks_equal_single_process_bitwise(case, sharded_results):
     single = _single_run(config, STEPS, split_segments)
     for n, p in single.items():
         assert torch.equal(torch.cat([rank0[n], rank1[n]]), p.detach().reshape(-1)), n
+
+
+def test_parameter_without_segments_and_empty_segments():
+    """A rank may hold nothing of a tensor (ZeRO-3 padding, tiny weights): still valid, never touched."""
+    param = torch.nn.Parameter(torch.ones(8))
+    other = torch.nn.Parameter(torch.ones(4))
+    opt = OnlineMergingAdamW([("a", param), ("b", other)], merge=OnlineMergeConfig(method="ties", keep_rate=0.5, alpha=0.5))
+    opt.set_segments(param, [])
+    opt.set_segments(other, [Segment("b", ShardCoords.flat_range((10,), 3, 3)), Segment("b2", ShardCoords.full((4,)))])
+    opt.set_reference_delta(delta={"b": torch.ones(10), "b2": torch.ones(4)})
+    param.grad, other.grad = torch.ones(8), torch.ones(4)
+    opt.step()
+    assert torch.equal(param, torch.ones(8) * (1 - 1e-3 * 1e-2))  # weight decay only
+    assert opt.state[param]["reference_values"].numel() == 0
+
+
+def _replicated_ties(rank, world):
+    """Every rank holds the whole tensor and exchanges with the others (a replicated DTensor)."""
+    config = OnlineMergeConfig(method="ties", keep_rate=0.1, alpha=0.3, ties_scope="tensor")
+    params = make_params()
+    opt = OnlineMergingAdamW(list(params.items()), lr=1e-2, weight_decay=0.05, merge=config)
+    for n, p in params.items():
+        opt.set_segments(p, [Segment(n, ShardCoords.full(tuple(p.shape)), 0, dist.group.WORLD)])
+    opt.set_reference_delta(delta=make_delta())
+    run(opt, params, 3)
+    return {n: p.detach() for n, p in params.items()}
+
+
+@pytest.mark.slow
+def test_replicas_exchanging_candidates_equal_single_process():
+    results = run_distributed(_replicated_ties, 2)
+    single = _single_run(OnlineMergeConfig(method="ties", keep_rate=0.1, alpha=0.3, ties_scope="tensor"), 3, False)
+    for rank_result in results:
+        for n, p in single.items():
+            assert torch.equal(rank_result[n], p.detach()), n

@@ -119,3 +119,13 @@ def test_sign_conflicts_counts_opposing_kept_pairs():
     u = torch.tensor([1.0, -1.0, 0.0, 2.0])
     r = torch.tensor([-1.0, -2.0, 5.0, -0.5])
     assert consensus.sign_conflicts(u, r) == 2
+
+
+def test_per_tensor_threshold_with_exactly_k_candidates():
+    """One piece holding the whole tensor offers exactly k candidates (replicas offer them twice)."""
+    magnitude = torch.randn(2000, generator=torch.Generator().manual_seed(4)).abs()
+    coords = ShardCoords.full((2000,))
+    expected = top_k_positions(magnitude, 200, identity)
+    for copies in (1, 2):
+        exchange = lambda v, i, c=copies: (v.repeat(c), i.repeat(c))  # noqa: E731
+        assert torch.equal(tensor_positions(magnitude, 200, coords.global_index, exchange), expected)

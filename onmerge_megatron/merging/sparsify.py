@@ -98,18 +98,29 @@ Exchange = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tens
 """Gathers (magnitudes, global indices) of candidates from every piece of a tensor."""
 
 
+def _unique_first(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct indices and the position of one occurrence of each."""
+    unique, inverse = torch.unique(indices, return_inverse=True)
+    first = torch.empty_like(unique).scatter_(0, inverse, torch.arange(indices.numel(), device=indices.device))
+    return unique, first
+
+
 def tensor_positions(magnitude: torch.Tensor, k: int, global_index: IndexMap, exchange: Exchange) -> torch.Tensor:
     """Positions of this piece's elements among the whole tensor's top k, the tensor split over ranks.
 
     The global top k lies inside the union of each piece's own top k, so each rank offers at most
-    k candidates and every rank derives the same threshold from the gathered union.
+    k candidates and every rank derives the same threshold from the gathered union. ``k`` is the
+    tensor's, the same on every rank, so all ranks take the same branches and collectives.
     """
+    if k < 1:  # the reference rule: nothing is masked
+        return torch.arange(magnitude.numel(), device=magnitude.device)
     local = top_k_positions(magnitude, k, global_index)
     values, indices = exchange(magnitude[local], global_index(local))
-    if k < 1 or k >= values.numel():
-        # Fewer candidates than k means k covers the whole tensor: everything is kept.
-        return torch.arange(magnitude.numel(), device=magnitude.device)
-    threshold = top_k_threshold(values, k, lambda pos: indices[pos])
+    # Replicas (a rank holding the whole tensor beside others) offer the same elements twice.
+    indices, first = _unique_first(indices)
+    threshold = top_k_threshold(values[first], k, lambda pos: indices[pos])
+    if threshold is None:  # k covers every candidate, so every candidate is kept
+        return local
     index_of_local = lambda pos: global_index(local[pos])  # noqa: E731
     return local[above_threshold(magnitude[local], threshold, index_of_local)]
 
@@ -122,11 +133,15 @@ def ties_positions(
     exchange: Exchange | None,
     name: str,
 ) -> torch.Tensor:
-    """TIES keep-positions of a segment: top-p over the segment ('shard') or the whole tensor ('tensor')."""
-    if scope == "tensor" and coords.numel != coords.global_numel:
-        if exchange is None:
-            raise ValueError(f"{name!r}: ties_scope='tensor' on a shard needs the process group holding the tensor's pieces")
+    """TIES keep-positions of a segment: top-p over the segment ('shard') or the whole tensor ('tensor').
+
+    With 'tensor', whether to exchange depends only on whether a group is given, never on the size
+    of this rank's piece: every rank of the group must take part, even one holding all or nothing.
+    """
+    if scope == "tensor" and exchange is not None:
         return tensor_positions(magnitude, top_k_count(coords.global_numel, keep_rate), coords.global_index, exchange)
+    if scope == "tensor" and coords.numel != coords.global_numel:
+        raise ValueError(f"{name!r}: ties_scope='tensor' on a shard needs the process group holding the tensor's pieces")
     return top_k_positions(magnitude, top_k_count(coords.numel, keep_rate), coords.global_index)
 
 

@@ -3,7 +3,7 @@
 Same world size: nothing to do. DeepSpeed saves the client optimizer's ``state_dict()`` per rank
 and loads it back into the same flat partitions, and OnlineMergingAdamW keeps all its state
 there (Adam moments and step, the step-K accumulator ``merge_accumulator``, the sparse reference
-delta, the optional ``weight_ema``). Call `install_online_merge` before ``engine.load_checkpoint``.
+delta, the optional ``weight_ema``). Call `install_online_merging` before ``engine.load_checkpoint``.
 
 Another world size goes through DeepSpeed's universal checkpoint, whose converter only knows
 fp32 / exp_avg / exp_avg_sq / step and drops the rest. `to_universal` runs that converter and
@@ -13,7 +13,7 @@ files up by itself; the ZeRO-3 loader does not, so `load_universal_merge_state` 
 into this rank's partitions (for every stage, to keep one path).
 
 The reference delta is not carried: its stored form is tied to the shard layout (and with
-ties_scope="shard" its top-p depends on the cut). `install_online_merge` rebuilds it at the new
+ties_scope="shard" its top-p depends on the cut). `install_online_merging` rebuilds it at the new
 world size from the base and SFT weights, which must therefore be given again (or, with the
 default reference=None, the model must be built from the SFT weights, installed, then loaded).
 
@@ -36,7 +36,7 @@ import torch
 from .zero import ZeroOnlineMerge
 
 DEEPSPEED_KEYS = ("fp32", "exp_avg", "exp_avg_sq", "step")
-# Stored per segment in a layout-dependent form; rebuilt by install_online_merge instead.
+# Stored per segment in a layout-dependent form; rebuilt by install_online_merging instead.
 REFERENCE_KEYS = ("reference_values", "reference_positions", "reference_delta")
 _OPTIM_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 

@@ -14,7 +14,7 @@ which every backend calls (plain, DDP, DeepSpeed, FSDP2); an instance passed in 
 kept and used the same way instead of being dropped.
 
 The reference delta is installed at the first training step, once the backend has wrapped the
-model and loaded any checkpoint: on DeepSpeed through `install_online_merge` (ZeRO partitions),
+model and loaded any checkpoint: on DeepSpeed through `install_online_merging` (ZeRO partitions),
 otherwise on the optimizer's own parameters (whole tensors, or FSDP2 DTensor shards).
 """
 
@@ -31,7 +31,7 @@ from ..merging.config import OnlineMergeConfig
 from ..optim import OnlineMergingAdamW, _local
 from .checkpoint import load_universal_merge_state, resolve_tag
 from .sources import weight_source
-from .zero import UnsupportedDeepSpeedSetup, ZeroOnlineMerge, install_online_merge
+from .zero import UnsupportedDeepSpeedSetup, ZeroOnlineMerge, install_online_merging
 
 
 @dataclass
@@ -176,7 +176,7 @@ class OnlineMergeTrainerMixin:
         a = self.online_merge_args
         engine = getattr(self, "deepspeed", None) if getattr(self, "is_deepspeed_enabled", False) else None
         if engine is not None:
-            self.online_merge = install_online_merge(engine, base=a.merge_base_model, reference=a.merge_reference_model)
+            self.online_merge = install_online_merging(engine, base=a.merge_base_model, reference=a.merge_reference_model)
             resume = getattr(self, "_online_merge_resume", None)
             if resume and engine.load_universal_checkpoint():
                 if resume is True:

@@ -229,7 +229,7 @@ def _weight_groups(partitions: list[FlatPartition]) -> dict[str, Any]:
 
 @dataclass
 class ZeroOnlineMerge:
-    """Handle returned by `install_online_merge`: what was installed, for checkpoints and logging."""
+    """Handle returned by `install_online_merging`: what was installed, for checkpoints and logging."""
 
     engine: Any
     optimizer: OnlineMergingAdamW
@@ -272,7 +272,7 @@ class _FlatsInParamGroups:
             group["params"] = params
 
 
-def install_online_merge(
+def install_online_merging(
     engine: Any,
     *,
     base: Any = None,
@@ -318,7 +318,7 @@ def install_online_merge(
         if stepped and reference is None and delta is None:
             raise ValueError(
                 "online merge: the optimizer has already stepped (or a checkpoint was loaded), so the engine's weights are no "
-                "longer the SFT weights: call install_online_merge before the first step and before engine.load_checkpoint, "
+                "longer the SFT weights: call install_online_merging before the first step and before engine.load_checkpoint, "
                 "or pass reference= (the SFT weights)"
             )
         with _FlatsInParamGroups(optimizer, partitions):

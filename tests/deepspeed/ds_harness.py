@@ -125,7 +125,7 @@ def _engine(scenario: dict[str, Any], install: bool = True):
     import deepspeed
 
     from onmerge_megatron import OnlineMergeConfig, OnlineMergingAdamW
-    from onmerge_megatron.deepspeed import install_online_merge
+    from onmerge_megatron.deepspeed import install_online_merging
 
     model = build_model(_dtype(scenario))
     base = base_weights(model)
@@ -142,7 +142,7 @@ def _engine(scenario: dict[str, Any], install: bool = True):
     )
     if not install:
         return engine, None
-    handle = install_online_merge(engine, base=None if scenario.get("no_base") else base)
+    handle = install_online_merging(engine, base=None if scenario.get("no_base") else base)
     _count_collectives_in_step(handle.optimizer)
     return engine, handle
 
@@ -230,12 +230,12 @@ def run_scenario(scenario: dict[str, Any], rank: int, workdir: Path) -> dict[str
     if scenario.get("expect_error"):
         try:
             if scenario.get("install_after_universal_load"):
-                from onmerge_megatron.deepspeed import install_online_merge
+                from onmerge_megatron.deepspeed import install_online_merging
 
                 scenario = dict(scenario, extra_config={"checkpoint": {"load_universal": True}})
                 engine, _ = _engine(scenario, install=False)
                 engine.load_checkpoint(scenario["install_after_universal_load"], tag="mid")
-                install_online_merge(engine, base=base_weights(build_model(_dtype(scenario))))
+                install_online_merging(engine, base=base_weights(build_model(_dtype(scenario))))
             else:
                 _engine(scenario)
         except Exception as exc:
@@ -253,11 +253,11 @@ def run_scenario(scenario: dict[str, Any], rank: int, workdir: Path) -> dict[str
     engine.save_checkpoint(str(save_dir), tag="mid")
     del engine, handle
     if scenario.get("install_after_load"):  # the Trainer's order: load first, install at the first step
-        from onmerge_megatron.deepspeed import install_online_merge
+        from onmerge_megatron.deepspeed import install_online_merging
 
         engine, _ = _engine(scenario, install=False)
         engine.load_checkpoint(str(save_dir), tag="mid")
-        handle = install_online_merge(engine, base=base_weights(build_model(_dtype(scenario))))
+        handle = install_online_merging(engine, base=base_weights(build_model(_dtype(scenario))))
         _count_collectives_in_step(handle.optimizer)
     else:
         engine, handle = _engine(scenario)

@@ -21,7 +21,7 @@ $(STAMP): setup.py constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m onmerge_megatron.training.tiny_pipeline --output runs/tiny
+	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m onmerge_megatron.training.tiny_pipeline --out runs/tiny
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)

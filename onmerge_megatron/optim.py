@@ -301,6 +301,14 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
             self._references[param] = refs
         return self._references[param]
 
+    def reference_state_changed(self, param: torch.Tensor | None = None) -> None:
+        """Call after writing the reference state keys of ``param`` (all when None) directly, as
+        checkpoint loaders do: the per-segment views into them are rebuilt at the next step."""
+        if param is None:
+            self._references = {}
+        else:
+            self._references.pop(param, None)
+
     def reference_nbytes(self) -> int:
         """Bytes held for the reference delta (all parameters)."""
         keys = ("reference_values", "reference_positions", "reference_delta")

@@ -1,0 +1,71 @@
+"""Megatron-style flags, the settings dataclass and the wrapped optimizer factory."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+
+import mcore_harness as h
+import mcore_jobs as jobs
+from onmerge_megatron import OnlineMergeConfig
+from onmerge_megatron.megatron.args import OnlineMergeSettings, add_online_merge_args, combine_extra_args_providers
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return add_online_merge_args(argparse.ArgumentParser()).parse_args(list(argv))
+
+
+def test_defaults_are_off_and_match_the_engine() -> None:
+    settings = OnlineMergeSettings.from_args(parse())
+    assert not settings.enabled
+    assert settings == OnlineMergeSettings()
+    defaults = OnlineMergeConfig()
+    assert settings.merge_config() == OnlineMergeConfig(method="none", keep_rate=defaults.keep_rate, alpha=defaults.alpha)
+
+
+def test_flags_reach_the_merge_config() -> None:
+    args = parse(
+        "--online-merge", "ties", "--online-merge-keep-rate", "0.05", "--online-merge-alpha", "5e-7",
+        "--online-merge-every", "4", "--online-merge-base", "/ckpt/base", "--online-merge-seed", "3",
+        "--online-merge-ties-scope", "tensor", "--online-merge-sign-election", "weighted",
+        "--online-merge-reference-clamp", "none", "--online-merge-no-dare-rescale", "--online-merge-l1-rescale",
+    )
+    settings = OnlineMergeSettings.from_args(args)
+    assert settings.merge_config() == OnlineMergeConfig(
+        method="ties", keep_rate=0.05, alpha=5e-7, merge_every=4, seed=3, ties_scope="tensor",
+        sign_election="weighted", reference_clamp=None, dare_rescale=False, l1_rescale=True,
+    )
+    assert settings.reference_source().path == "/ckpt/base"
+
+
+def test_bad_values_are_named() -> None:
+    with pytest.raises(ValueError, match="keep_rate"):
+        OnlineMergeSettings.from_args(parse("--online-merge", "dare", "--online-merge-keep-rate", "0"))
+    with pytest.raises(ValueError, match="not both"):
+        OnlineMergeSettings(method="dare", base="a", base_hf="b")
+    with pytest.raises(SystemExit):
+        parse("--online-merge", "magic")
+
+
+def test_combined_extra_args_providers() -> None:
+    def own(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        parser.add_argument("--my-flag", type=int, default=1)
+        return parser
+
+    parser = combine_extra_args_providers(own, add_online_merge_args)(argparse.ArgumentParser())
+    args = parser.parse_args(["--my-flag", "2", "--online-merge", "dare"])
+    assert args.my_flag == 2 and args.online_merge == "dare"
+
+
+def test_wrapped_factory_builds_reference_at_first_step(megatron_workdir: Path) -> None:
+    """The optimizer is created on random weights, the SFT weights are loaded afterwards (as in
+    Megatron-LM's pretrain); the run must equal the single-process one started from the SFT weights."""
+    tmp_path = megatron_workdir
+    h.spawn(jobs.wrapped_factory, 2, tmp_path)
+    assert torch.load(tmp_path / "factory.pt")["inner"] == "OnlineMergingAdamW"
+    ref, run = h.plain_tensors(tmp_path / "ref_dare"), h.plain_tensors(tmp_path / "factory_dare")
+    diff = max(float((ref[k] - run[k]).abs().max()) for k in ref)
+    assert diff <= 2e-5, diff

@@ -1,0 +1,102 @@
+"""Command line: `onmerge train --config FILE.yaml [--set key=value ...]`.
+
+Single process:        onmerge train --config configs/tiny_cpu_dpo.yaml
+Several processes:     torchrun --nproc-per-node 2 -m onmerge_megatron.training.cli train --config ...
+The configuration is loaded and checked (unknown keys, types, files, parallel sizes against
+WORLD_SIZE) before any process group, model or data is touched; errors exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+from .config import ConfigError, load_config
+
+
+def quiet_library_warnings() -> None:
+    """Deprecation chatter from torch.distributed.checkpoint, megatron-core and mbridge on every rank."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for module in ("megatron", "mbridge", "torch.distributed", "transformer_engine"):
+        warnings.filterwarnings("ignore", category=UserWarning, module=module)
+    import logging
+
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    # "common state dict differs" between ranks is expected with the memory-efficient optimizer save.
+    logging.getLogger("megatron.core.dist_checkpointing").setLevel(logging.ERROR)
+    # Megatron-LM initialises its rerun state machine explicitly; as a library we take the default.
+    logging.getLogger("megatron.core.rerun_state_machine").setLevel(logging.ERROR)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onmerge", description="DPO/IPO/KTO on megatron-core with online merging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train from a YAML config")
+    train.add_argument("--config", required=True, help="YAML file (see docs/config.md)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set optim.lr=1e-6 (repeatable)")
+    check = sub.add_parser("check-config", help="validate a config and print it, without training")
+    check.add_argument("--config", required=True)
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    check.add_argument("--world-size", type=int, default=None)
+    check.add_argument("--no-paths", action="store_true", help="skip the existence checks of input files")
+    conv = sub.add_parser("convert-hf", help="save an HF model as a megatron dist checkpoint (e.g. a base for merging)")
+    conv.add_argument("--hf", required=True, help="HF model directory")
+    conv.add_argument("--out", required=True, help="output checkpoint directory")
+    conv.add_argument("--tensor-parallel", type=int, default=1)
+    conv.add_argument("--pipeline-parallel", type=int, default=1)
+    # Its own options (see tiny_pipeline.py); main() hands them over untouched.
+    sub.add_parser("tiny-pipeline", help="the tiny base -> SFT -> DPO+OnDARE pipeline (run under torchrun); "
+                   "options: see python -m onmerge_megatron.training.tiny_pipeline --help")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["tiny-pipeline"]:
+        from .tiny_pipeline import main as tiny_main
+
+        tiny_main(argv[1:])
+        return 0
+    args = build_parser().parse_args(argv)
+    quiet_library_warnings()
+    train = args.command == "train"
+    if args.command == "convert-hf":
+        from .loop import convert_hf_to_megatron
+
+        convert_hf_to_megatron(args.hf, args.out, args.tensor_parallel, args.pipeline_parallel)
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+        return 0
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if train else args.world_size
+    try:
+        cfg = load_config(args.config, args.overrides, world_size=world_size,
+                          check_paths=train or not args.no_paths, check_devices=train)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "check-config":
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    from .loop import Trainer, is_rank0
+
+    result = Trainer(cfg).train()
+    if is_rank0():
+        print(f"done: {result.step} steps in {result.seconds:.1f}s; outputs in {result.output_dir}")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,533 @@
+"""Training configuration: dataclasses, YAML loading, `--set key=value` overrides, validation.
+
+Everything that can be checked without touching data or weights is checked here, before any
+process group is created: unknown keys, wrong types, missing files, and parallel sizes that do
+not divide the world size. Errors name the dotted key (e.g. `parallel.tensor_parallel`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from onmerge_megatron.merging.config import OnlineMergeConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem found before any work starts."""
+
+
+def _path(default: Any = None, must_exist: bool = True) -> Any:
+    """A field holding a filesystem path; existing inputs are checked at validation."""
+    return field(default=default, metadata={"path": True, "must_exist": must_exist})
+
+
+@dataclass
+class ModelConfig:
+    hf_path: str | None = _path()
+    """Hugging Face model directory (config.json, safetensors): architecture and, with load_format 'hf', weights."""
+    load_format: Literal["hf", "megatron"] = "hf"
+    """Initial weights: 'hf' reads hf_path's safetensors through mbridge; 'megatron' reads `megatron_load`."""
+    megatron_load: str | None = _path()
+    """A dist_checkpointing directory saved by this trainer (model weights only are read)."""
+    tokenizer_path: str | None = _path()
+    """Hugging Face tokenizer directory; defaults to hf_path."""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """Parameter dtype. bf16 is for GPUs: megatron keeps fp32 main weights in the optimizer."""
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list, metadata={"path": True, "must_exist": True})
+    """JSONL (.jsonl/.json) or Parquet (.parquet) files of training records."""
+    eval_files: list[str] = field(default_factory=list, metadata={"path": True, "must_exist": True})
+    """Held-out records; if empty, `eval_fraction` of the training records is held out."""
+    eval_fraction: float = 0.0
+    """Fraction of training records held out for evaluation when eval_files is empty (seeded by run.seed)."""
+    format: Literal["pairs", "unpaired", "sft"] = "pairs"
+    """'pairs': prompt/chosen/rejected; 'unpaired': prompt/completion/label (KTO); 'sft': prompt/completion (or prompt/chosen)."""
+    max_length: int = 512
+    """Longest prompt + completion in tokens."""
+    max_prompt_length: int = 256
+    """Prompts longer than this keep their last tokens (the end of a prompt is what the answer follows)."""
+    use_chat_template: bool = True
+    """Render prompts with the tokenizer's chat template (message lists always need it)."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """A malformed record raises (with file and line) or is skipped and counted."""
+    bucket_size: int = 64
+    """Length bucketing: micro-batches are formed from windows of this many micro-batches sorted by length."""
+    shuffle: bool = True
+    """Shuffle the data each epoch (order is a function of run.seed and the epoch)."""
+
+
+@dataclass
+class LossConfig:
+    type: Literal["dpo", "ipo", "hinge", "kto", "sft"] = "dpo"
+    """dpo (sigmoid), ipo, hinge (SLiC), kto (unpaired data), sft (NLL on completions: the SFT stage)."""
+    beta: float = 0.1
+    """beta of DPO/hinge/KTO; IPO's tau (the target margin is 1 / (2 beta))."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: probability that a preference label is flipped (dpo only)."""
+    sft_weight: float = 0.0
+    """Weight of an added NLL term on the chosen responses (0 = off)."""
+    desirable_weight: float = 1.0
+    """KTO lambda_D: weight of desirable examples' losses."""
+    undesirable_weight: float = 1.0
+    """KTO lambda_U: weight of undesirable examples' losses."""
+    kto_kl: bool = True
+    """Estimate KTO's reference point z0 from mismatched pairs (TRL); false sets z0 = 0."""
+    reference: Literal["cached", "online"] = "cached"
+    """'cached': reference log-probs computed once with the initial weights and stored on disk.
+    'online': a frozen reference model (reference_hf_path / reference_megatron_load) is run every step."""
+    reference_hf_path: str | None = _path()
+    """Online reference model in HF format (when it is not the starting policy)."""
+    reference_megatron_load: str | None = _path()
+    """Or a dist_checkpointing directory saved by this trainer."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-7
+    """Peak learning rate (the paper: 5e-7 ... 5e-6)."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (applied densely after the merge, never merged)."""
+    adam_beta1: float = 0.9
+    """Adam's first-moment decay."""
+    adam_beta2: float = 0.999
+    """Adam's second-moment decay."""
+    adam_eps: float = 1e-8
+    """Adam's epsilon."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm (over all ranks) to this value; 0 disables clipping."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 over this many steps; step s uses the schedule's value at s + 1."""
+    lr_decay_style: Literal["cosine", "constant", "linear"] = "cosine"
+    """Decay from lr to min_lr over run.train_steps (megatron's OptimizerParamScheduler)."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    """Tensor-parallel size; must divide the attention heads and KV heads."""
+    pipeline_parallel: int = 1
+    """Pipeline-parallel size; must divide the layers. Batches are padded to data.max_length under PP."""
+    micro_batch_size: int = 1
+    """Pairs (or unpaired examples) per micro-batch per data-parallel rank."""
+    global_batch_size: int = 128
+    """Pairs per optimizer step; gradient accumulation = global / (micro * data_parallel)."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Process-group backend: auto = nccl with GPUs, gloo on CPU."""
+
+
+@dataclass
+class MergeConfig:
+    """Online merging (OnDARE/OnTIES). `online` holds the engine's settings (docs/algorithm.md);
+    in a training config `merge.online.method` defaults to 'none' (plain AdamW) unless set."""
+
+    online: OnlineMergeConfig = field(default_factory=lambda: OnlineMergeConfig(method="none"))
+    base_hf_path: str | None = _path()
+    """Base (pre-SFT) model in HF format: tau = initial weights - base."""
+    base_megatron_load: str | None = _path()
+    """Or the base as a dist_checkpointing directory (saved by this trainer or `onmerge convert-hf`)."""
+    log_update_norm: bool = True
+    """Log the norm of each step's dense update before merging (one extra pass over the shard per step)."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = _path("runs/train", must_exist=False)
+    """Where checkpoints, metrics.jsonl, tensorboard/, reference_logps/ and summary.json go."""
+    train_steps: int = 100
+    """Optimizer steps; the data is cycled (reshuffled per epoch) if it runs out."""
+    stop_at_step: int = 0
+    """End this session at this step (checkpoint saved) although the schedule runs to train_steps;
+    0 = run to the end. For time-limited jobs: resubmit and the run resumes."""
+    eval_every: int = 0
+    """Steps between evaluations (0: only at the end)."""
+    eval_batches: int = 0
+    """Evaluation micro-batches per rank (0: the whole held-out set)."""
+    save_every: int = 0
+    """Steps between checkpoints (0: only at the end)."""
+    resume: bool = True
+    """Continue from the latest checkpoint in output_dir if there is one."""
+    export_hf: bool = False
+    """Write the final weights in HF format to output_dir/hf."""
+    save_final: bool = True
+    """Save a checkpoint at the end of the run."""
+    seed: int = 1234
+    """Seed of the data order, held-out split and megatron's RNGs (merge masks use merge.online.seed)."""
+    log_every: int = 1
+    """Steps between progress lines (metrics.jsonl and TensorBoard get every step)."""
+    tensorboard: bool = True
+    """Also write TensorBoard scalars to output_dir/tensorboard."""
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list):
+        return [_to_plain(x) for x in obj]
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r} ({type(value).__name__})")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise ConfigError(f"config key '{key}': unsupported annotation {tp!r}")
+    raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        names = ", ".join(f"'{prefix}{k}'" for k in unknown)
+        raise ConfigError(f"unknown config key {names}; valid keys here: {sorted(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        tp = hints[name]
+        key = prefix + name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key + ".")
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # the engine's own validation (OnlineMergeConfig)
+        raise ConfigError(f"config section '{prefix.rstrip('.')}': {exc}") from None
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`key=value` strings; values are parsed as YAML scalars (1e-6, true, [a, b], null)."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        # YAML 1.1 reads '5e-7' (no dot) as a string; such strings are meant as numbers.
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value for c in "eE.") else value
+            except ValueError:
+                pass
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def _fix_yaml_floats(node: Any) -> Any:
+    """PyYAML reads 5e-7 as a string (YAML 1.1 wants a dot); such strings are numbers."""
+    if isinstance(node, dict):
+        return {k: _fix_yaml_floats(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fix_yaml_floats(v) for v in node]
+    if isinstance(node, str):
+        s = node.strip()
+        if s and (s[0].isdigit() or s[0] in "+-.") and ("e" in s or "E" in s):
+            try:
+                return float(s)
+            except ValueError:
+                return node
+    return node
+
+
+def load_config(
+    path: str | None = None,
+    overrides: list[str] | None = None,
+    world_size: int | None = None,
+    check_paths: bool = True,
+    check_devices: bool = False,
+) -> TrainConfig:
+    """Read YAML, apply `--set` overrides, type-check, then validate (see `validate`)."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            try:
+                tree = yaml.safe_load(f) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        tree = _fix_yaml_floats(tree)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    cfg = config_from_dict(tree)
+    validate(cfg, world_size=world_size, check_paths=check_paths, check_devices=check_devices)
+    return cfg
+
+
+def config_from_dict(tree: Mapping[str, Any]) -> TrainConfig:
+    return _build(TrainConfig, tree, "")
+
+
+def _check_paths(obj: Any, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(value):
+            _check_paths(value, key + ".")
+        elif f.metadata.get("path") and f.metadata.get("must_exist") and value:
+            for p in value if isinstance(value, list) else [value]:
+                if not os.path.exists(p):
+                    raise ConfigError(f"config key '{key}': file or directory not found: {p}")
+
+
+def hf_model_dims(hf_path: str) -> dict[str, int]:
+    """Read the sizes that constrain parallelism from config.json without importing transformers."""
+    with open(os.path.join(hf_path, "config.json")) as f:
+        hf = json.load(f)
+    heads = hf["num_attention_heads"]
+    return {
+        "num_layers": hf["num_hidden_layers"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": hf.get("num_key_value_heads") or heads,
+        "vocab_size": hf["vocab_size"],
+    }
+
+
+def validate(cfg: TrainConfig, world_size: int | None = None, check_paths: bool = True, check_devices: bool = False) -> None:
+    """Cross-field checks; each error names the offending key. `check_devices` also checks the
+    dtype/backend against this machine (at launch; not when checking a config on a login node)."""
+    m, d, lo, p, g, r = cfg.model, cfg.data, cfg.loss, cfg.parallel, cfg.merge, cfg.run
+    if check_paths:
+        _check_paths(cfg, "")
+    if m.hf_path is None:
+        raise ConfigError("config key 'model.hf_path' is required (the HF model directory giving the architecture)")
+    if check_paths and not os.path.isfile(os.path.join(m.hf_path, "config.json")):
+        raise ConfigError(f"config key 'model.hf_path': no config.json in {m.hf_path}")
+    if m.load_format == "megatron" and not m.megatron_load:
+        raise ConfigError("config key 'model.megatron_load' is required when model.load_format is 'megatron'")
+    if not d.train_files:
+        raise ConfigError("config key 'data.train_files' must list at least one file")
+    for key, files in (("data.train_files", d.train_files), ("data.eval_files", d.eval_files)):
+        for fpath in files:
+            if not fpath.endswith((".jsonl", ".json", ".parquet")):
+                raise ConfigError(f"config key '{key}': {fpath} is neither .jsonl/.json nor .parquet")
+    if not 0.0 <= d.eval_fraction < 1.0:
+        raise ConfigError(f"config key 'data.eval_fraction' must be in [0, 1), got {d.eval_fraction}")
+    for key, value in (("data.max_length", d.max_length), ("data.max_prompt_length", d.max_prompt_length),
+                       ("data.bucket_size", d.bucket_size), ("parallel.micro_batch_size", p.micro_batch_size),
+                       ("parallel.global_batch_size", p.global_batch_size),
+                       ("parallel.tensor_parallel", p.tensor_parallel),
+                       ("parallel.pipeline_parallel", p.pipeline_parallel), ("run.train_steps", r.train_steps),
+                       ("run.log_every", r.log_every)):
+        if value < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    if d.max_prompt_length >= d.max_length:
+        raise ConfigError(
+            f"config key 'data.max_prompt_length' ({d.max_prompt_length}) must be below data.max_length ({d.max_length})"
+        )
+    expected_format = {"kto": "unpaired", "sft": "sft"}.get(lo.type, "pairs")
+    if lo.type == "sft" and d.format == "pairs":
+        pass  # SFT on the chosen side of preference pairs is allowed
+    elif d.format != expected_format:
+        raise ConfigError(f"config key 'data.format' is {d.format!r} but loss.type {lo.type!r} needs {expected_format!r}")
+    if lo.beta <= 0:
+        raise ConfigError(f"config key 'loss.beta' must be > 0, got {lo.beta}")
+    if not 0.0 <= lo.label_smoothing < 0.5:
+        raise ConfigError(f"config key 'loss.label_smoothing' must be in [0, 0.5), got {lo.label_smoothing}")
+    if lo.label_smoothing and lo.type != "dpo":
+        raise ConfigError("config key 'loss.label_smoothing' applies to loss.type 'dpo' only")
+    if lo.sft_weight < 0:
+        raise ConfigError(f"config key 'loss.sft_weight' must be >= 0, got {lo.sft_weight}")
+    if lo.reference == "online" and not (lo.reference_hf_path or lo.reference_megatron_load):
+        raise ConfigError("loss.reference is 'online': set 'loss.reference_hf_path' or 'loss.reference_megatron_load'")
+    if lo.reference == "online" and p.pipeline_parallel > 1:
+        raise ConfigError("config key 'loss.reference' = 'online' needs parallel.pipeline_parallel = 1 "
+                          "(the frozen reference runs beside the last stage); use 'cached'")
+    if cfg.optim.lr <= 0 or cfg.optim.min_lr < 0 or cfg.optim.min_lr > cfg.optim.lr:
+        raise ConfigError(f"config keys 'optim.lr'/'optim.min_lr': need 0 <= min_lr <= lr, lr > 0")
+    if r.stop_at_step < 0 or r.stop_at_step > r.train_steps:
+        raise ConfigError(f"config key 'run.stop_at_step' must be in [0, run.train_steps], got {r.stop_at_step}")
+    if cfg.optim.warmup_steps < 0 or (cfg.optim.warmup_steps and cfg.optim.warmup_steps >= r.train_steps):
+        raise ConfigError(f"config key 'optim.warmup_steps' must be 0 or below run.train_steps ({r.train_steps}), "
+                          f"got {cfg.optim.warmup_steps}")
+    if g.online.needs_reference and not (g.base_hf_path or g.base_megatron_load):
+        raise ConfigError(
+            f"merge.online.method is {g.online.method!r} with alpha > 0: set 'merge.base_hf_path' or "
+            "'merge.base_megatron_load' (the reference delta is initial weights minus base)"
+        )
+    tp, pp = p.tensor_parallel, p.pipeline_parallel
+    if world_size is not None:
+        if world_size % (tp * pp) != 0:
+            raise ConfigError(
+                f"config keys 'parallel.tensor_parallel' x 'parallel.pipeline_parallel' = {tp} x {pp} = {tp * pp} "
+                f"does not divide the world size {world_size}"
+            )
+        dp = world_size // (tp * pp)
+        if p.global_batch_size % (p.micro_batch_size * dp) != 0:
+            raise ConfigError(
+                f"config key 'parallel.global_batch_size' ({p.global_batch_size}) must be a multiple of "
+                f"parallel.micro_batch_size x data-parallel size ({p.micro_batch_size} x {dp})"
+            )
+    if check_paths and m.hf_path and os.path.isfile(os.path.join(m.hf_path, "config.json")):
+        dims = hf_model_dims(m.hf_path)
+        if dims["num_layers"] % pp:
+            raise ConfigError(f"config key 'parallel.pipeline_parallel' ({pp}) must divide num_hidden_layers ({dims['num_layers']})")
+        for name in ("num_attention_heads", "num_key_value_heads"):
+            if dims[name] % tp:
+                raise ConfigError(f"config key 'parallel.tensor_parallel' ({tp}) must divide {name} ({dims[name]})")
+    if check_devices:
+        import torch
+
+        if p.backend == "nccl" and not torch.cuda.is_available():
+            raise ConfigError("config key 'parallel.backend' is 'nccl' but no GPU is available")
+        if m.dtype == "bf16" and not torch.cuda.is_available():
+            raise ConfigError("config key 'model.dtype' is 'bf16', which this trainer supports on GPU only (use fp32 on CPU)")
+
+
+def dump_config(cfg: TrainConfig, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+
+# --------------------------------------------------------------------------- reference docs
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The string literal under each field of a dataclass (its attribute docstring)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, after in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(after, ast.Expr) and isinstance(getattr(after, "value", None), ast.Constant) and isinstance(after.value.value, str):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return "null" if f.default is None else json.dumps(f.default)
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = f.default_factory()  # type: ignore[misc]
+        return json.dumps(value) if not dataclasses.is_dataclass(value) else "(section)"
+    return "(required)"
+
+
+def config_reference_markdown() -> str:
+    """Markdown tables of every config key, generated from the dataclasses (docs/config.md)."""
+    lines = []
+
+    def section(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        docs = _field_docs(cls)
+        nested = []
+        lines.append(f"### `{prefix.rstrip('.')}`\n")
+        if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):
+            lines.append(" ".join(cls.__doc__.split()) + "\n")
+        lines.append("| key | type | default | meaning |")
+        lines.append("|---|---|---|---|")
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                nested.append((tp, prefix + f.name + "."))
+                lines.append(f"| `{prefix}{f.name}` | section | | see below |")
+                continue
+            meaning = docs.get(f.name, "")
+            if f.metadata.get("path") and f.metadata.get("must_exist"):
+                meaning = (meaning + " Must exist (checked before start).").strip()
+            lines.append(f"| `{prefix}{f.name}` | {_type_name(tp)} | `{_default_text(f)}` | {meaning} |")
+        lines.append("")
+        for tp, p in nested:
+            section(tp, p)
+
+    for f in dataclasses.fields(TrainConfig):
+        section(typing.get_type_hints(TrainConfig)[f.name], f.name + ".")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(config_reference_markdown())

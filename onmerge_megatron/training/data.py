@@ -1,0 +1,395 @@
+"""Preference, unpaired (KTO) and SFT data: reading, tokenization with prompt masking, batching.
+
+Records
+-------
+- pairs:    {"prompt", "chosen", "rejected"}. Each field is a string or a list of chat messages
+            ({"role", "content"}), as in UltraFeedback-binarized where chosen/rejected are whole
+            conversations ending with the assistant's answer and sharing the prompt turns.
+- unpaired: {"prompt", "completion", "label"} with a boolean label (True = desirable), as in
+            TRL's KTO format.
+- sft:      {"prompt", "completion"}; preference pairs are also accepted (the chosen side is used).
+
+Tokenization and masking
+------------------------
+The prompt is rendered with the tokenizer's chat template (generation prompt included); the
+completion's tokens are what the full conversation adds after it, so they end with the
+template's end-of-turn token. With `use_chat_template: false` and plain strings, the prompt is
+`bos + prompt` and the completion is `completion + eos`. Only completion tokens are scored:
+a sequence is `prompt + completion`, the model reads `seq[:-1]` and predicts `seq[1:]`, and the
+loss mask is 1 exactly where the predicted token is a completion token.
+
+Truncation rules
+----------------
+1. A prompt longer than `max_prompt_length` keeps its last `max_prompt_length` tokens (the end
+   of the prompt is what the answer follows; the BOS token is lost).
+2. Each completion is cut to `max_length - len(prompt)` tokens, keeping its start.
+Both are counted and reported.
+
+Batching
+--------
+A micro-batch of B pairs is 2B sequences: the B chosen ones, then the B rejected ones, padded to
+the longest in the micro-batch (to `max_length` under pipeline parallelism, whose stages
+exchange fixed shapes). Length bucketing keeps padding small: each epoch's permutation is cut
+into windows of `bucket_size` micro-batches, each window is sorted by length and cut into
+micro-batches, and the micro-batches are shuffled again. The order is a pure function of (seed,
+epoch), so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+
+
+class DataError(ValueError):
+    """A malformed record; the message names the file and line (or Parquet row)."""
+
+
+@dataclass
+class Example:
+    """One tokenized record. `completions` holds [chosen, rejected] for pairs, one entry otherwise."""
+
+    index: int
+    prompt_ids: list[int]
+    completions: list[list[int]]
+    label: bool | None = None
+    source: str = ""
+
+
+@dataclass
+class DataStats:
+    records: int = 0
+    skipped: int = 0
+    prompt_truncated: int = 0
+    completion_truncated: int = 0
+    skipped_reasons: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_records(path: str) -> Iterator[tuple[str, dict[str, Any] | DataError]]:
+    """Yield (location, record) for every record; unparseable lines yield a DataError."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        for i, row in enumerate(table.to_pylist()):
+            yield f"{path}:row {i + 1}", row
+        return
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield where, DataError(f"{where}: not valid JSON ({exc.msg})")
+                continue
+            if not isinstance(record, dict):
+                yield where, DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+                continue
+            yield where, record
+
+
+def _check_messages(value: Any, key: str, where: str) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: '{key}' must be a non-empty string or list of messages")
+    for i, message in enumerate(value):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
+            raise DataError(f"{where}: '{key}'[{i}] must be a message {{'role': str, 'content': str}}, got {message!r}")
+    return value
+
+
+def _split_conversation(prompt: Any, answer: Any, key: str, where: str) -> tuple[Any, str]:
+    """Return (prompt as str or messages, assistant answer text) for one side of a record."""
+    if isinstance(answer, str):
+        if isinstance(prompt, str) or isinstance(prompt, list):
+            if isinstance(prompt, list):
+                _check_messages(prompt, "prompt", where)
+            return prompt, answer
+        raise DataError(f"{where}: 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
+    messages = _check_messages(answer, key, where)
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: the last message of '{key}' must be the assistant's answer, got role {messages[-1]['role']!r}")
+    if len(messages) > 1:
+        return messages[:-1], messages[-1]["content"]  # the conversation carries its own prompt
+    if prompt is None:
+        raise DataError(f"{where}: '{key}' holds only the answer and 'prompt' is missing")
+    if isinstance(prompt, list):
+        _check_messages(prompt, "prompt", where)
+    elif not isinstance(prompt, str):
+        raise DataError(f"{where}: 'prompt' must be a string or a list of messages")
+    return prompt, messages[-1]["content"]
+
+
+def normalize_record(record: dict[str, Any], fmt: str, where: str) -> tuple[Any, list[str], bool | None]:
+    """(prompt, [answers], label) from a raw record, or DataError naming what is wrong."""
+    if fmt == "pairs" or (fmt == "sft" and "chosen" in record):
+        keys = ("chosen", "rejected") if fmt == "pairs" else ("chosen",)
+        missing = [k for k in keys if k not in record]
+        if missing:
+            raise DataError(f"{where}: missing key(s) {missing} (pairs need prompt, chosen, rejected)")
+        sides = [_split_conversation(record.get("prompt"), record[k], k, where) for k in keys]
+        prompts = [s[0] for s in sides]
+        if any(p != prompts[0] for p in prompts[1:]):
+            raise DataError(f"{where}: 'chosen' and 'rejected' conversations have different prompt turns")
+        return prompts[0], [s[1] for s in sides], None
+    missing = [k for k in ("prompt", "completion") + (("label",) if fmt == "unpaired" else ()) if k not in record]
+    if missing:
+        raise DataError(f"{where}: missing key(s) {missing}")
+    prompt, answer = _split_conversation(record["prompt"], record["completion"], "completion", where)
+    label = None
+    if fmt == "unpaired":
+        label = record["label"]
+        if not isinstance(label, bool):
+            raise DataError(f"{where}: 'label' must be true or false, got {label!r}")
+    return prompt, [answer], label
+
+
+# --------------------------------------------------------------------------- tokenizing
+
+
+class PromptCompletionTokenizer:
+    """Turns (prompt, answer) into (prompt_ids, completion_ids) with a HF tokenizer."""
+
+    def __init__(self, tokenizer: Any, use_chat_template: bool = True):
+        self.tokenizer = tokenizer
+        self.use_chat_template = use_chat_template and getattr(tokenizer, "chat_template", None) is not None
+
+    def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in some versions
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def __call__(self, prompt: Any, answer: str, where: str) -> tuple[list[int], list[int]]:
+        tok = self.tokenizer
+        if isinstance(prompt, list) and not self.use_chat_template:
+            raise DataError(f"{where}: a message-list prompt needs a tokenizer with a chat template")
+        if self.use_chat_template:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            prompt_ids = self._render(messages, generation_prompt=True)
+            full_ids = self._render(messages + [{"role": "assistant", "content": answer}], generation_prompt=False)
+            if full_ids[: len(prompt_ids)] != prompt_ids:
+                # Templates that rewrite earlier turns: fall back to tokenizing the answer alone.
+                completion_ids = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            else:
+                completion_ids = full_ids[len(prompt_ids):]
+        else:
+            prompt_ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok(prompt, add_special_tokens=False)["input_ids"]
+            completion_ids = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        return prompt_ids, completion_ids
+
+
+def load_examples(
+    files: Sequence[str],
+    tokenizer: Any,
+    fmt: str,
+    max_length: int,
+    max_prompt_length: int,
+    use_chat_template: bool = True,
+    on_error: str = "raise",
+) -> tuple[list[Example], DataStats]:
+    """Read and tokenize every record of `files` (in order), applying the truncation rules."""
+    encode = PromptCompletionTokenizer(tokenizer, use_chat_template)
+    examples: list[Example] = []
+    stats = DataStats()
+    for path in files:
+        if not os.path.isfile(path):
+            raise DataError(f"data file not found: {path}")
+        for where, record in read_records(path):
+            stats.records += 1
+            try:
+                if isinstance(record, DataError):
+                    raise record
+                prompt, answers, label = normalize_record(record, fmt, where)
+                tokenized = [encode(prompt, a, where) for a in answers]
+                prompt_ids = tokenized[0][0]
+                completions = [c for _, c in tokenized]
+                if any(not c for c in completions):
+                    raise DataError(f"{where}: empty completion after tokenization")
+            except DataError as exc:
+                if on_error == "raise":
+                    raise
+                stats.skipped += 1
+                if len(stats.skipped_reasons) < 20:
+                    stats.skipped_reasons.append(str(exc))
+                continue
+            if len(prompt_ids) > max_prompt_length:
+                prompt_ids = prompt_ids[-max_prompt_length:]
+                stats.prompt_truncated += 1
+            room = max_length - len(prompt_ids)
+            if any(len(c) > room for c in completions):
+                stats.completion_truncated += 1
+                completions = [c[:room] for c in completions]
+            examples.append(Example(len(examples), prompt_ids, completions, label, where))
+    return examples, stats
+
+
+def split_holdout(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out a seeded random `fraction` of examples; indices are renumbered within each split."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = int(round(len(examples) * fraction))
+    held = sorted(order[:n_eval])
+    kept = sorted(order[n_eval:])
+
+    def renumber(idx: list[int]) -> list[Example]:
+        return [Example(i, examples[j].prompt_ids, examples[j].completions, examples[j].label, examples[j].source) for i, j in enumerate(idx)]
+
+    return renumber(kept), renumber(held)
+
+
+# --------------------------------------------------------------------------- batching
+
+
+@dataclass
+class Batch:
+    """One micro-batch. Sequences: for pairs, B chosen then B rejected; otherwise B examples
+    (and, for KTO with a KL estimate, B mismatched prompt/completion sequences after them)."""
+
+    input_ids: torch.Tensor  # [S, T] long
+    labels: torch.Tensor  # [S, T] long (next tokens; pad where masked)
+    loss_mask: torch.Tensor  # [S, T] float, 1 on completion tokens
+    position_ids: torch.Tensor  # [S, T]
+    example_ids: torch.Tensor  # [B] indices into the dataset (for cached reference log-probs)
+    labels_desirable: torch.Tensor | None = None  # [B] bool, KTO only
+    reference_logps: torch.Tensor | None = None  # [S] filled from the cache when available
+
+    @property
+    def completion_lengths(self) -> torch.Tensor:
+        return self.loss_mask.sum(-1)
+
+
+def sequences_for(example: Example, kind: str, examples: Sequence[Example]) -> list[tuple[list[int], list[int]]]:
+    """The (prompt, completion) token lists a micro-batch holds for one example."""
+    if kind == "pairs":
+        return [(example.prompt_ids, example.completions[0]), (example.prompt_ids, example.completions[1])]
+    return [(example.prompt_ids, example.completions[0])]
+
+
+def kl_partner(index: int, n: int) -> int:
+    """KTO's mismatched pair: the prompt of example i with the completion of example i+1 (mod n).
+    Fixed per example, so its reference log-prob can be cached like the others."""
+    return (index + 1) % n
+
+
+def collate(
+    examples: Sequence[Example],
+    ids: Sequence[int],
+    kind: str,
+    pad_id: int,
+    max_length: int,
+    pad_to: int | None = None,
+    with_kl: bool = False,
+) -> Batch:
+    """Build a micro-batch for the examples `ids` (see Batch for the sequence order)."""
+    chosen_seqs: list[tuple[list[int], list[int]]] = []
+    rejected_seqs: list[tuple[list[int], list[int]]] = []
+    kl_seqs: list[tuple[list[int], list[int]]] = []
+    for i in ids:
+        ex = examples[i]
+        seqs = sequences_for(ex, kind, examples)
+        chosen_seqs.append(seqs[0])
+        if kind == "pairs":
+            rejected_seqs.append(seqs[1])
+        if with_kl:
+            partner = examples[kl_partner(i, len(examples))]
+            room = max_length - len(ex.prompt_ids)
+            kl_seqs.append((ex.prompt_ids, partner.completions[0][:room]))
+    seqs = chosen_seqs + rejected_seqs + kl_seqs
+    # The model reads seq[:-1] and predicts seq[1:], so T = longest sequence - 1.
+    width = max(len(p) + len(c) for p, c in seqs) - 1
+    if pad_to is not None:
+        width = max(width, pad_to - 1)
+    n = len(seqs)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((n, width), dtype=torch.float32)
+    for row, (p, c) in enumerate(seqs):
+        seq = torch.tensor(p + c, dtype=torch.long)
+        length = len(seq) - 1
+        input_ids[row, :length] = seq[:-1]
+        labels[row, :length] = seq[1:]
+        # Position t predicts token t+1; it is a completion token iff t+1 >= len(prompt).
+        loss_mask[row, len(p) - 1 : length] = 1.0
+    position_ids = torch.arange(width, dtype=torch.long).unsqueeze(0).expand(n, width).contiguous()
+    desirable = None
+    if kind == "unpaired":
+        desirable = torch.tensor([bool(examples[i].label) for i in ids], dtype=torch.bool)
+    return Batch(input_ids, labels, loss_mask, position_ids, torch.tensor(list(ids), dtype=torch.long), desirable)
+
+
+def example_length(example: Example) -> int:
+    return len(example.prompt_ids) + max(len(c) for c in example.completions)
+
+
+def epoch_microbatches(
+    examples: Sequence[Example], micro_batch_size: int, bucket_size: int, seed: int, epoch: int, shuffle: bool = True
+) -> list[list[int]]:
+    """Micro-batches (lists of example ids) of one epoch, length-bucketed; incomplete tail dropped."""
+    order = list(range(len(examples)))
+    rng = random.Random(f"{seed}-{epoch}")
+    if shuffle:
+        rng.shuffle(order)
+    window = max(1, bucket_size) * micro_batch_size
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: (example_length(examples[i]), i))
+        for b in range(0, len(chunk) - micro_batch_size + 1, micro_batch_size):
+            batches.append(chunk[b : b + micro_batch_size])
+    if shuffle:
+        rng.shuffle(batches)  # keep steps from seeing all short, then all long sequences
+    return batches
+
+
+class StepSampler:
+    """Deterministic micro-batch schedule: step s, data-parallel rank r -> its micro-batches.
+
+    Every optimizer step consumes `num_microbatches x dp_size` micro-batches of one epoch's list;
+    rank r takes a contiguous block of them. An epoch ends when too few remain for a whole step.
+    """
+
+    def __init__(self, examples: Sequence[Example], micro_batch_size: int, num_microbatches: int, dp_size: int,
+                 bucket_size: int, seed: int, shuffle: bool = True):
+        self.examples = examples
+        self.micro_batch_size = micro_batch_size
+        self.num_microbatches = num_microbatches
+        self.dp_size = dp_size
+        self.bucket_size = bucket_size
+        self.seed = seed
+        self.shuffle = shuffle
+        per_epoch = len(epoch_microbatches(examples, micro_batch_size, bucket_size, seed, 0, shuffle))
+        self.steps_per_epoch = per_epoch // (num_microbatches * dp_size)
+        if self.steps_per_epoch < 1:
+            raise DataError(
+                f"{len(examples)} examples are fewer than one global batch "
+                f"({micro_batch_size} x {num_microbatches} micro-batches x {dp_size} data-parallel ranks)"
+            )
+        self._cache: tuple[int, list[list[int]]] | None = None
+
+    def microbatches(self, step: int, dp_rank: int) -> list[list[int]]:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        if self._cache is None or self._cache[0] != epoch:
+            self._cache = (epoch, epoch_microbatches(self.examples, self.micro_batch_size, self.bucket_size, self.seed, epoch, self.shuffle))
+        per_step = self.num_microbatches * self.dp_size
+        block = self._cache[1][within * per_step : (within + 1) * per_step]
+        return block[dp_rank * self.num_microbatches : (dp_rank + 1) * self.num_microbatches]
+
+
+def eval_microbatches(n_examples: int, micro_batch_size: int, dp_size: int, dp_rank: int,
+                      drop_last: bool = False) -> list[list[int]]:
+    """All examples in order, micro-batches dealt round-robin to data-parallel ranks. The last
+    micro-batch may be short unless `drop_last` (pipeline stages exchange fixed shapes)."""
+    ids = list(range(n_examples))
+    batches = [ids[i : i + micro_batch_size] for i in range(0, n_examples, micro_batch_size)]
+    if drop_last and batches and len(batches[-1]) < micro_batch_size:
+        batches.pop()
+    return batches[dp_rank::dp_size]

@@ -1,0 +1,115 @@
+"""Reference log-probabilities computed once, with the initial weights, and cached on disk.
+
+DPO-style losses need log pi_ref(y|x) of every completion. When the reference is the policy's
+starting point (the SFT model, the usual case), a single forward pass over the data before the
+first step gives all of them, so training holds no second model. The cache lives in
+`output_dir/reference_logps/<split>.pt` with a fingerprint of everything that determines the
+values (data files' contents, initial weights' location, tokenizer, lengths, format); a cache
+whose fingerprint differs is recomputed, never silently reused.
+
+Columns: pairs [chosen, rejected]; KTO [completion, mismatched completion for the KL estimate].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import partial
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .data import Example, eval_microbatches
+
+if TYPE_CHECKING:
+    from .loop import Trainer
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(trainer: "Trainer", split: str, files: Sequence[str], n_examples: int) -> str:
+    cfg = trainer.cfg
+    m, d = cfg.model, cfg.data
+    weights = m.hf_path if m.load_format == "hf" else m.megatron_load
+    weight_files = []
+    if weights and os.path.isdir(weights):
+        for name in sorted(os.listdir(weights)):
+            if name.endswith((".safetensors", ".json", ".distcp", ".pt", "latest")):
+                st = os.stat(os.path.join(weights, name))
+                weight_files.append((name, st.st_size, int(st.st_mtime)))
+    payload = {
+        "split": split, "files": [_file_digest(f) for f in files], "n": n_examples,
+        "weights": os.path.abspath(weights) if weights else None, "weight_files": weight_files,
+        "tokenizer": os.path.abspath(m.tokenizer_path or m.hf_path), "format": d.format,
+        "max_length": d.max_length, "max_prompt_length": d.max_prompt_length, "chat": d.use_chat_template,
+        "eval_fraction": d.eval_fraction, "seed": cfg.run.seed if not d.eval_files else None,
+        "kl": trainer.with_kl, "dtype": m.dtype,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _collect(batch: Any, output: torch.Tensor):
+    seq_logps = (-output.float() * batch.loss_mask).sum(-1)
+    return torch.zeros((), device=output.device), {"logps": seq_logps.detach().double().cpu(), "ids": batch.example_ids.cpu()}
+
+
+@torch.no_grad()
+def compute_reference_logps(trainer: "Trainer", examples: Sequence[Example]) -> torch.Tensor:
+    """[N, columns] float64 sequence log-probs of `examples` under the current weights."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    columns = 2 if (trainer.kind == "pairs" or trainer.with_kl) else 1
+    table = torch.zeros(len(examples), columns, dtype=torch.float64)
+    for chunk in trainer.model:
+        chunk.eval()
+    mbs = eval_microbatches(len(examples), trainer.cfg.parallel.micro_batch_size, trainer.dp_size, trainer.dp_rank)
+    if trainer.pp_size > 1:
+        # Fixed shapes under pipeline parallelism: pad the short tail by repeating its first id.
+        mbs = [mb + [mb[0]] * (trainer.cfg.parallel.micro_batch_size - len(mb)) for mb in mbs]
+    batches = [trainer.make_batch(examples, mb, split=None) for mb in mbs]
+    if batches:
+        results = get_forward_backward_func()(
+            forward_step_func=partial(trainer._forward_step, _collect),
+            data_iterator=iter(batches), model=trainer.model, num_microbatches=len(batches),
+            seq_length=batches[0].input_ids.shape[1], micro_batch_size=batches[0].input_ids.shape[0],
+            forward_only=True,
+        )
+        if trainer.is_last_stage and trainer.tp_rank == 0:
+            for item in results:
+                ids, logps = item["ids"], item["logps"]
+                table[ids] = logps.view(columns, len(ids)).t()
+    # Rows are filled once (by one rank each); a sum over all ranks assembles the table everywhere.
+    total = table.to(trainer.dev)
+    dist.all_reduce(total)
+    return total.cpu()
+
+
+def cached_reference_logps(trainer: "Trainer", split: str, examples: Sequence[Example], files: Sequence[str]) -> torch.Tensor:
+    """Load the cache for `split` if its fingerprint matches, else compute and store it."""
+    if not examples:
+        return torch.zeros(0, 2, dtype=torch.float64)
+    path = os.path.join(trainer.out, "reference_logps", f"{split}.pt")
+    key = fingerprint(trainer, split, files, len(examples))
+    if os.path.isfile(path):
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        if stored.get("fingerprint") == key and stored["logps"].shape[0] == len(examples):
+            if dist.get_rank() == 0:
+                print(f"reference log-probs ({split}): cached {path}", flush=True)
+            return stored["logps"]
+    if dist.get_rank() == 0:
+        print(f"reference log-probs ({split}): computing {len(examples)} examples with the initial weights", flush=True)
+    table = compute_reference_logps(trainer, examples)
+    if dist.get_rank() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save({"fingerprint": key, "logps": table}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    dist.barrier()
+    return table

@@ -1,4 +1,4 @@
-"""Independent dense transcriptions of the algorithm, written from SPEC/paper text, for tests.
+"""Independent dense transcriptions of the algorithm, written from the paper and docs/algorithm.md, for tests.
 
 They share only the keep-mask generator with the engine (its bits are tested on their own), and
 otherwise use the plainest tensor code: full sorts for top-k, dense masks, explicit Adam.
@@ -35,7 +35,7 @@ def top_k_mask(x: torch.Tensor, keep_rate: float, global_index: torch.Tensor | N
 
 
 def ties_consensus(u: torch.Tensor, r: torch.Tensor, alpha: float, weighted: bool) -> torch.Tensor:
-    """Element by element, as SPEC.md states both rules."""
+    """Element by element, as docs/algorithm.md states both rules."""
     out = torch.zeros_like(u)
     for i in range(u.numel()):
         a, b = float(u[i]), float(r[i])

@@ -8,7 +8,9 @@ gated MLP 1408), random gradients, fp32. Prints a Markdown table with ratios to 
 from __future__ import annotations
 
 import argparse
-import gc
+import math
+import multiprocessing as mp
+import os
 import statistics
 import time
 
@@ -51,20 +53,56 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def run(label: str, build, params: dict[str, torch.nn.Parameter], steps: int) -> dict:
-    opt = build(params)
+def _memory(field: str) -> int:
+    """VmRSS (resident now) or VmHWM (peak resident since the last reset) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def build_optimizer(kind: str, merge: dict, params: dict[str, torch.nn.Parameter]):
+    if kind == "torch-foreach":
+        return torch.optim.AdamW(params.values(), lr=1e-5, weight_decay=0.0, foreach=True)
+    if kind == "torch-single":
+        return torch.optim.AdamW(params.values(), lr=1e-5, weight_decay=0.0, foreach=False)
+    opt = OnlineMergingAdamW(list(params.items()), lr=1e-5, weight_decay=0.0, merge=OnlineMergeConfig(**merge))
+    if opt.merge_config.needs_reference:
+        # One delta tensor at a time, as a streamed checkpoint would be: only what the optimizer keeps stays.
+        shapes = {n: tuple(p.shape) for n, p in params.items()}
+        gen = torch.Generator().manual_seed(1)
+        opt.set_reference_delta(delta_fn=lambda name, coords: coords.gather(torch.randn(shapes[name], generator=gen) * 1e-3))
+    return opt
+
+
+def _measure(kind: str, merge: dict, layers: int, steps: int, out: mp.Queue) -> None:
+    params = make_params(llama_shapes(32000, 512, 1408, layers), seed=0)
+    start = _memory("VmRSS")
+    opt = build_optimizer(kind, merge, params)
     opt.step()  # creates the state; not timed
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) so that it covers the steps only
     times = []
     for _ in range(steps):
-        start = time.perf_counter()
+        begin = time.perf_counter()
         opt.step()
-        times.append(time.perf_counter() - start)
+        times.append(time.perf_counter() - begin)
+    peak = _memory("VmHWM") - start
     state_bytes = tensor_bytes(t for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
     reference = opt.reference_nbytes() if hasattr(opt, "reference_nbytes") else 0
-    result = {"label": label, "ms": 1e3 * statistics.median(times), "state": state_bytes, "reference": reference}
-    del opt
-    gc.collect()
-    return result
+    out.put({"ms": 1e3 * statistics.median(times), "state": state_bytes, "reference": reference, "peak": peak})
+
+
+def run(label: str, kind: str, merge: dict, layers: int, steps: int) -> dict:
+    """Time and measure one optimizer in a fresh process (peak memory is per process)."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    child = ctx.Process(target=_measure, args=(kind, merge, layers, steps, out))
+    child.start()
+    result = out.get()
+    child.join()
+    return {"label": label, **result}
 
 
 def main() -> None:
@@ -75,39 +113,35 @@ def main() -> None:
     args = parser.parse_args()
 
     shapes = llama_shapes(32000, 512, 1408, args.layers)
-    params = make_params(shapes, seed=0)
-    reference_delta = {n: torch.randn(s) * 1e-3 for n, s in shapes.items()}
-    param_bytes = tensor_bytes(params.values())
+    n = sum(math.prod(s) for s in shapes.values())
+    param_bytes = 4 * n
     p = args.keep_rate
-
-    def ours(**merge):
-        def build(ps):
-            opt = OnlineMergingAdamW(list(ps.items()), lr=1e-5, weight_decay=0.0, merge=OnlineMergeConfig(**merge))
-            if opt.merge_config.needs_reference:
-                opt.set_reference_delta(delta=reference_delta)
-            return opt
-
-        return build
-
     cases = [
-        ("torch AdamW (foreach)", lambda ps: torch.optim.AdamW(ps.values(), lr=1e-5, weight_decay=0.0, foreach=True)),
-        ("torch AdamW (single-tensor)", lambda ps: torch.optim.AdamW(ps.values(), lr=1e-5, weight_decay=0.0, foreach=False)),
-        ("ours, method none", ours(method="none")),
-        (f"OnDARE p={p}", ours(method="dare", keep_rate=p, alpha=5e-7)),
-        (f"OnTIES p={p}, top-p per tensor", ours(method="ties", keep_rate=p, alpha=5e-7, ties_scope="tensor")),
-        (f"OnTIES p={p}, top-p per shard", ours(method="ties", keep_rate=p, alpha=5e-7, ties_scope="shard")),
+        ("torch AdamW (foreach)", "torch-foreach", {}),
+        ("torch AdamW (single-tensor)", "torch-single", {}),
+        ("ours, method none", "ours", dict(method="none")),
+        (f"OnDARE p={p}", "ours", dict(method="dare", keep_rate=p, alpha=5e-7)),
+        (f"OnTIES p={p}, top-p per tensor", "ours", dict(method="ties", keep_rate=p, alpha=5e-7, ties_scope="tensor")),
+        (f"OnTIES p={p}, top-p per shard", "ours", dict(method="ties", keep_rate=p, alpha=5e-7, ties_scope="shard")),
     ]
-    n = sum(t.numel() for t in params.values())
-    print(f"{n / 1e6:.1f}M parameters in {len(params)} tensors, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    results = [run(label, build, params, args.steps) for label, build in cases]
+    print(f"{n / 1e6:.1f}M parameters in {len(shapes)} tensors, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    results = [run(label, kind, merge, args.layers, args.steps) for label, kind, merge in cases]
     baseline = results[0]["ms"]
     print()
-    print("| optimizer | ms/step | vs torch AdamW (foreach) | optimizer state | reference delta (% of params) |")
-    print("|---|---:|---:|---:|---:|")
+    base_peak = results[0]["peak"]
+    print("| optimizer | ms/step | vs torch AdamW (foreach) | peak memory | vs torch AdamW | optimizer state | reference delta (% of params) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
         ref = f"{r['reference'] / 2**20:.1f} MiB ({100 * r['reference'] / param_bytes:.2f}%)" if r["reference"] else "-"
-        print(f"| {r['label']} | {r['ms']:.1f} | {r['ms'] / baseline:.2f}x | {r['state'] / 2**20:.0f} MiB | {ref} |")
-    print(f"\nparameters: {param_bytes / 2**20:.0f} MiB fp32; state includes the stored reference delta.")
+        print(
+            f"| {r['label']} | {r['ms']:.1f} | {r['ms'] / baseline:.2f}x | {r['peak'] / 2**20:.0f} MiB | "
+            f"{r['peak'] / base_peak:.2f}x | {r['state'] / 2**20:.0f} MiB | {ref} |"
+        )
+    print(
+        f"\nparameters: {param_bytes / 2**20:.0f} MiB fp32 (and as much again in gradients). Peak memory: the "
+        "peak resident memory during the timed steps above the parameters and gradients (optimizer state "
+        "and transient buffers); optimizer state includes the stored reference delta."
+    )
 
 
 if __name__ == "__main__":

@@ -57,6 +57,9 @@ class AdamUpdate:
     step_size: float
     bias_correction2_sqrt: float
     eps: float
+    scratch: torch.Tensor | None = None
+    """Reusable buffer of at least the segment's size for magnitude(): a fresh dense allocation
+    per tensor and step costs more in page faults than the arithmetic."""
     _dense: torch.Tensor | None = None
 
     def _update(self, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -73,11 +76,14 @@ class AdamUpdate:
         return self._dense
 
     def magnitude(self) -> torch.Tensor:
+        """|dense()|, valid until the scratch buffer is used again."""
         if self._dense is not None:
             return self._dense.abs()
-        # |m / d * -s| == |m| / d * s exactly, so magnitudes can be built in place in one buffer.
-        denom = self.exp_avg_sq.sqrt().div_(self.bias_correction2_sqrt).add_(self.eps)
-        return torch.abs(self.exp_avg).div_(denom).mul_(self.step_size)
+        # |m / d * -s| == |m / d| * s exactly, so the magnitude is built in place in one buffer.
+        n = self.exp_avg.numel()
+        out = self.scratch[:n] if self.scratch is not None else torch.empty_like(self.exp_avg)
+        torch.sqrt(self.exp_avg_sq, out=out).div_(self.bias_correction2_sqrt).add_(self.eps)
+        return torch.div(self.exp_avg, out, out=out).abs_().mul_(self.step_size)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -205,6 +211,14 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         self._segments: dict[torch.Tensor, list[Segment]] = {}
         self._references: dict[torch.Tensor, list[ReferenceDelta]] = {}
         self._stats = MergeStats()
+        self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def _scratch_for(self, like: torch.Tensor) -> torch.Tensor:
+        """A buffer at least the size of ``like``, reused across tensors and steps (OnTIES only)."""
+        key = (like.device, like.dtype)
+        if key not in self._scratch or self._scratch[key].numel() < like.numel():
+            self._scratch[key] = torch.empty(like.numel(), device=like.device, dtype=like.dtype)
+        return self._scratch[key]
 
     # ---------------------------------------------------------------- segments
     def _names(self) -> Iterator[tuple[torch.Tensor, str]]:
@@ -415,8 +429,9 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
             flat, m, v = data.view(-1), exp_avg.view(-1), exp_avg_sq.view(-1)
             accumulator = state.get("merge_accumulator")
             references = self._reference_views(param)
+            scratch = self._scratch_for(m) if config.method == "ties" else None
             for i, seg in enumerate(self.segments(param)):
-                update = AdamUpdate(m[seg.slice], v[seg.slice], step_size, bias_correction2_sqrt, eps)
+                update = AdamUpdate(m[seg.slice], v[seg.slice], step_size, bias_correction2_sqrt, eps, scratch)
                 self._stats.add(
                     merge_segment(
                         flat[seg.slice],

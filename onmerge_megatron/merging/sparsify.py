@@ -61,7 +61,7 @@ def above_threshold(magnitude: torch.Tensor, threshold: TopKThreshold | None, gl
     return kept
 
 
-_SAMPLE = 1 << 16
+_SAMPLE = 1 << 14
 
 
 def _candidates(magnitude: torch.Tensor, k: int) -> torch.Tensor:

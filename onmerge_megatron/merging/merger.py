@@ -154,16 +154,23 @@ def apply_merge(
         param[reference_positions] += step_reference
         stats.merged_sq = step_update.double().square().sum() + step_reference.double().square().sum()
         return stats
-    # Sign consensus in fp32 whatever the parameter dtype, on the union of the two kept sets.
+    # Sign consensus in fp32 whatever the parameter dtype, on the union of the two kept sets (a
+    # term not kept is 0). Both position lists are sorted, so they are aligned by a binary search.
     values, reference_values = values.float(), reference_values.float()
-    union, inverse = torch.unique(torch.cat([positions, reference_positions]), return_inverse=True)
-    update_at = values.new_zeros(union.numel()).index_put_((inverse[: positions.numel()],), values)
-    reference_at = values.new_zeros(union.numel()).index_put_((inverse[positions.numel() :],), reference_values)
     elect = consensus.sign_weighted if config.sign_election == "weighted" else consensus.sign_unweighted
-    step_values = elect(update_at, reference_at, config.alpha)
-    param[union] += step_values.to(param.dtype)
-    stats.sign_conflicts = consensus.sign_conflicts(update_at, reference_at)
-    stats.merged_sq = step_values.double().square().sum()
+    reference_at = torch.zeros_like(values)
+    reference_only = torch.ones_like(reference_positions, dtype=torch.bool)
+    if reference_positions.numel():
+        slot = torch.searchsorted(reference_positions, positions).clamp_(max=reference_positions.numel() - 1)
+        both = reference_positions[slot] == positions
+        reference_at[both] = reference_values[slot[both]]
+        reference_only[slot[both]] = False
+    step_update = elect(values, reference_at, config.alpha)
+    step_reference = elect(torch.zeros_like(reference_values[reference_only]), reference_values[reference_only], config.alpha)
+    param[positions] += step_update.to(param.dtype)
+    param[reference_positions[reference_only]] += step_reference.to(param.dtype)
+    stats.sign_conflicts = consensus.sign_conflicts(values, reference_at)
+    stats.merged_sq = step_update.double().square().sum() + step_reference.double().square().sum()
     return stats
 
 

@@ -370,8 +370,8 @@ class FusedOnlineMergingAdamW(OnlineMergingAdamW):
         # Predicted OnTIES cuts per parameter and segment: only a speed hint (a bad or missing one
         # costs a fallback, never a different result), so it is not optimizer state.
         self._ties_cuts: dict[torch.Tensor, dict[int, float]] = {}
-        # Per parameter and segment: its global span, and OnDARE's fixed reference term
-        # (positions on the device, alpha * values, squared norm), all fixed for a run.
+        # Per parameter and segment: OnDARE's fixed reference term (positions on the device,
+        # alpha * values, squared norm), fixed for a run.
         self._segment_cache: dict[torch.Tensor, dict[int, dict[str, Any]]] = {}
         self._gap_tables: dict[tuple[torch.device, float], tuple[torch.Tensor, torch.Tensor]] = {}
         # OnDARE kept counts and merged squared norms, summed on the device (see _dare_merge).
@@ -565,9 +565,7 @@ class FusedOnlineMergingAdamW(OnlineMergingAdamW):
         stats = MergeStats(numel=segment.numel(), merges=1)
         device_stats = self._device_stats_on(segment.device)
         cache = self._segment_cache.setdefault(param, {}).setdefault(index, {})
-        if "span" not in cache:
-            cache["span"] = (coords.is_contiguous, *coords.global_span())
-        contiguous, lo, hi = cache["span"]
+        contiguous, (lo, hi) = coords.is_contiguous, coords.global_span()
         if contiguous and config.keep_rate < 1.0 and not config.l1_rescale and not self.track_update_norm:
             self._launch_dare_update(segment, update, seg, step, device_stats, lo, hi)
             self.kernel_counts["dare_kernel"] += 1

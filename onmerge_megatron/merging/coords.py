@@ -8,6 +8,7 @@ global index (its row-major position in the full tensor) whatever the layout.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -95,7 +96,7 @@ class ShardCoords:
     def global_numel(self) -> int:
         return math.prod(self.global_shape)
 
-    @property
+    @functools.cached_property
     def is_contiguous(self) -> bool:
         """True when shard position i is global index ``global_span()[0] + i``."""
         lo, hi = self.global_span()
@@ -120,6 +121,12 @@ class ShardCoords:
 
     def global_span(self) -> tuple[int, int]:
         """Smallest and largest global index in the shard (blocks are monotone in row-major order)."""
+        return self._span
+
+    # Coordinates are immutable and asked for at every step: computed once (cached_property writes
+    # the instance __dict__ directly, which a frozen dataclass allows).
+    @functools.cached_property
+    def _span(self) -> tuple[int, int]:
         lo, hi = None, None
         for block in self.blocks:
             first = max(self.start, block.local_start)

@@ -141,5 +141,5 @@ def keep_positions(
     kept = kept[(kept >= lo) & (kept <= hi)]
     if coords.is_contiguous:
         return kept - lo
-    in_shard, positions = coords.local_position(kept)
+    _, positions = coords.local_position(kept)
     return positions

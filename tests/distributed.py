@@ -4,10 +4,27 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+# A matrix product's summation order, and so its bits, depends on the intra-op thread count: ranks
+# compared bit for bit with a single-process reference run with this many, and the reference too
+# (torch_threads), whatever count the test process was left with.
+THREADS = 1
+
+
+@contextmanager
+def torch_threads(threads: int = THREADS) -> Iterator[None]:
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def free_port() -> int:
@@ -18,6 +35,7 @@ def free_port() -> int:
 
 def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple, results: Any) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(THREADS)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         results[rank] = fn(rank, world_size, *args)

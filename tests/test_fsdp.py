@@ -5,7 +5,7 @@ import torch
 
 from onmerge_megatron import OnlineMergeConfig, OnlineMergingAdamW
 
-from distributed import run_distributed
+from distributed import run_distributed, torch_threads
 
 CASES = {
     "ties-per-tensor": dict(method="ties", keep_rate=0.1, alpha=0.3, ties_scope="tensor"),
@@ -61,7 +61,8 @@ def fsdp_results():
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_fsdp2_equals_single_process(case, fsdp_results):
-    single = train(make_model(), CASES[case])
+    with torch_threads():  # the ranks' count, for the same matmul bits
+        single = train(make_model(), CASES[case])
     for rank_result in fsdp_results:
         for n, p in single.named_parameters():
             assert torch.equal(rank_result[case][n], p.detach()), n

@@ -26,7 +26,6 @@ class ModelSettings:
 
 
 def build_model(settings: ModelSettings, seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(VOCAB),
         hidden_size=settings.hidden,
@@ -41,7 +40,10 @@ def build_model(settings: ModelSettings, seed: int) -> LlamaForCausalLM:
         tie_word_embeddings=False,
         attn_implementation="eager",  # fastest for sequences this short on CPU
     )
-    return LlamaForCausalLM(config)
+    # Seeded on a fork of the global generator, which the caller may be drawing from.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
 
 
 @dataclass(frozen=True)

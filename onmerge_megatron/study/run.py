@@ -20,8 +20,10 @@ import random
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -124,10 +126,26 @@ def _row(seed: int, method: str, knob: str, value: float, ev: Evaluation, sft_ev
                ev.accuracy_by_skill["rev"], ev.heldout_ppl, sft_ev.accuracy - ev.accuracy, seconds)
 
 
+@contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """The study's thread count, then the caller's again: the count is process-wide, and it
+    changes the bits of every matrix product the caller computes afterwards."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def run_study(mode: str, output: Path, threads: int = 1) -> list[Row]:
     if mode not in MODES:
         raise ValueError(f"--mode must be one of {sorted(MODES)}, got {mode!r}")
-    torch.set_num_threads(threads)
+    with _torch_threads(threads):
+        return _run_study(mode, output)
+
+
+def _run_study(mode: str, output: Path) -> list[Row]:
     settings, grid = MODES[mode], method_grid(mode)
     output.mkdir(parents=True, exist_ok=True)
     (output / "settings.json").write_text(json.dumps({"mode": mode, "settings": asdict(settings),
@@ -251,16 +269,16 @@ def results_markdown(rows: list[Row], mode: str, settings: StudySettings) -> str
 
 
 def plot(rows: list[Row], path: Path, mode: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure of its own rather than pyplot, whose backend (matplotlib.use) is process-wide.
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
 
     aggs = aggregate(rows)
     curves: dict[str, list[Aggregate]] = {}
     for a in aggs:
         curves.setdefault(a.method, []).append(a)
-    fig, axes = plt.subplots(1, 2, figsize=(14, 6))
+    fig = Figure(figsize=(14, 6))
+    axes = fig.subplots(1, 2)
     markers = "os^vD<>phX*P"
     # Capability is drawn as the change from each seed's own SFT model (minus the tax): the seeds' SFT
     # models differ in accuracy far more than the methods do, so raw accuracy would hide the effect.
@@ -277,7 +295,7 @@ def plot(rows: list[Row], path: Path, mode: str) -> None:
                 continue
             ax.errorbar([a.mean["reward"] for a in points], [a.mean[y_metric] for a in points],
                         xerr=[a.std["reward"] for a in points], yerr=[a.std[y_metric] for a in points],
-                        marker=markers[i % len(markers)], color=plt.get_cmap("tab20")(i % 20), capsize=3, linestyle="-" if len(points) > 1 else "none",
+                        marker=markers[i % len(markers)], color=colormaps["tab20"](i % 20), capsize=3, linestyle="-" if len(points) > 1 else "none",
                         label=f"{method} ({points[0].knob})")
         ax.set_xlabel("reward: share of greedy outputs in the preferred format")
         ax.set_ylabel(y_label)
@@ -289,7 +307,6 @@ def plot(rows: list[Row], path: Path, mode: str) -> None:
     fig.suptitle(f"Alignment-tax study ({mode} mode); error bars: std over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ WORLD = 2
 LR = 2e-2
 WEIGHT_DECAY = 0.01
 MICRO_BATCH = 4
+THREADS = 1  # per rank; the single-process references use it too (a matmul's bits depend on it)
 
 
 class Scale(torch.nn.Module):
@@ -49,6 +50,17 @@ class TinyNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(torch.tanh(self.inp(x))) * self.gain * self.post.scale
+
+
+def fp16_unsupported() -> str:
+    """Why DeepSpeed cannot run the fp16 scenarios here ("" if it can): its CPU accelerator accepts
+    fp16 only where oneDNN has fp16 kernels, and refuses the config otherwise."""
+    if torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        return ""
+    return (
+        "fp16 needs a CPU with avx512_fp16 (torch.ops.mkldnn._is_mkldnn_fp16_supported() is False): "
+        "DeepSpeed's CPU accelerator refuses fp16 on this one"
+    )
 
 
 def build_model(dtype: torch.dtype = torch.float32) -> TinyNet:
@@ -182,6 +194,8 @@ def _count_collectives_in_step(optimizer) -> None:
 def _train(engine, scenario: dict[str, Any], steps: range, rank: int, trace: list | None = None) -> None:
     for step in steps:
         x, y = batch(step, rank, scenario.get("same_data", True))
+        if step in scenario.get("overflow_at", ()):
+            x = torch.full_like(x, float("nan"))  # non-finite gradients: DeepSpeed skips this step
         loss = loss_fn(engine(x.to(_dtype(scenario))), y)
         engine.backward(loss)
         engine.step()
@@ -273,7 +287,7 @@ def _worker(rank: int, world: int, port: int, out: str, scenarios: list[dict[str
     # The shared-memory comm op is JIT-built with g++ on first use (minutes); gloo needs none.
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda *args, **kwargs: None
     deepspeed.init_distributed(dist_backend="gloo")
-    torch.set_num_threads(1)
+    torch.set_num_threads(THREADS)
     results = {}
     for scenario in scenarios:
         try:

@@ -17,7 +17,8 @@ import torch
 
 from onmerge_megatron import OnlineMergeConfig, OnlineMergingAdamW, Segment, ShardCoords
 
-from ds_harness import LR, WEIGHT_DECAY, WORLD, base_weights, build_model, full_batch, loss_fn, param_groups
+from distributed import torch_threads
+from ds_harness import LR, THREADS, WEIGHT_DECAY, WORLD, base_weights, build_model, full_batch, loss_fn, param_groups
 
 
 def zero_pieces(stage: int, model: torch.nn.Module, world: int = WORLD) -> dict[str, list[tuple[int, int]]]:
@@ -53,8 +54,13 @@ def reference_run(scenario: dict[str, Any], steps: int | None = None) -> dict[st
     bf16 scenarios train a bf16 model whose gradients step fp32 master copies, which are copied
     back after each step (mixed precision as DeepSpeed does it).
     """
-    if scenario.get("bf16"):
-        return _bf16_reference_run(scenario, steps)
+    with torch_threads(THREADS):
+        if scenario.get("bf16"):
+            return _bf16_reference_run(scenario, steps)
+        return _fp32_reference_run(scenario, steps)
+
+
+def _fp32_reference_run(scenario: dict[str, Any], steps: int | None) -> dict[str, torch.Tensor]:
     model = build_model()
     base = base_weights(model)
     merge = OnlineMergeConfig(**scenario["merge"])
@@ -62,12 +68,19 @@ def reference_run(scenario: dict[str, Any], steps: int | None = None) -> dict[st
     _shard_segments(optimizer, scenario, model.named_parameters())
     if merge.needs_reference:
         optimizer.set_reference_delta(reference=model, base=base)
-    for step in range(1, (scenario.get("steps", 4) if steps is None else steps) + 1):
+    for step in applied_steps(scenario, steps):
         x, y = full_batch(step, scenario.get("same_data", True))
         optimizer.zero_grad()
         loss_fn(model(x), y).backward()
         optimizer.step()
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def applied_steps(scenario: dict[str, Any], steps: int | None = None) -> list[int]:
+    """The steps DeepSpeed applies: those whose batch the harness poisons ("overflow_at") are
+    skipped, so the single process never sees them and numbers the rest 1, 2, ... as it steps."""
+    last = scenario.get("steps", 4) if steps is None else steps
+    return [s for s in range(1, last + 1) if s not in scenario.get("overflow_at", ())]
 
 
 def _shard_segments(optimizer: OnlineMergingAdamW, scenario: dict[str, Any], named: Any) -> None:
@@ -90,7 +103,7 @@ def _bf16_reference_run(scenario: dict[str, Any], steps: int | None) -> dict[str
     if merge.needs_reference:
         optimizer.set_reference_delta(reference=model, base=base)
     params = dict(model.named_parameters())
-    for step in range(1, (scenario.get("steps", 4) if steps is None else steps) + 1):
+    for step in applied_steps(scenario, steps):
         x, y = full_batch(step, scenario.get("same_data", True))
         model.zero_grad()
         loss_fn(model(x.to(torch.bfloat16)), y).backward()

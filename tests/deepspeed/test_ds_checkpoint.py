@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from ds_harness import fp16_unsupported
 from ds_reference import STEP_K, max_abs_diff, reference_run, run_harness
 
 pytestmark = pytest.mark.slow
@@ -75,8 +76,12 @@ ERROR_SCENARIOS = [
     {"id": "plain-adamw-client", "stage": 1, "expect_error": True, "client": "adamw", "merge": STEP_K},
     {"id": "elastic-checkpoint", "stage": 2, "expect_error": True, "extra_config": {"zero_optimization": {"stage": 2, "elastic_checkpoint": True}}, "merge": STEP_K},
     {"id": "no-base", "stage": 3, "expect_error": True, "no_base": True, "merge": STEP_K},
-    {"id": "stage0-fp16", "stage": 0, "fp16": 8, "expect_error": True, "merge": {**STEP_K, "alpha": 0.0}},
+    # bf16 at stage 0 with bf16 gradient accumulation gets the same wrapper as fp16, on any CPU.
+    {"id": "stage0-bf16", "stage": 0, "bf16": True, "extra_config": {"data_types": {"grad_accum_dtype": "bf16"}}, "expect_error": True, "merge": {**STEP_K, "alpha": 0.0}},
 ]
+FP16_UNSUPPORTED = fp16_unsupported()
+if not FP16_UNSUPPORTED:
+    ERROR_SCENARIOS.append({"id": "stage0-fp16", "stage": 0, "fp16": 8, "expect_error": True, "merge": {**STEP_K, "alpha": 0.0}})
 
 
 @pytest.mark.parametrize(
@@ -87,7 +92,8 @@ ERROR_SCENARIOS = [
         ("plain-adamw-client", ["AdamW", "not OnlineMergingAdamW"]),
         ("elastic-checkpoint", ["elastic_checkpoint"]),
         ("no-base", ["base"]),
-        ("stage0-fp16", ["FP16_UnfusedOptimizer", "ZeRO stage 1"]),
+        pytest.param("stage0-fp16", ["FP16_UnfusedOptimizer", "ZeRO stage 1"], marks=pytest.mark.skipif(bool(FP16_UNSUPPORTED), reason=FP16_UNSUPPORTED)),
+        ("stage0-bf16", ["FP16_UnfusedOptimizer", "ZeRO stage 1"]),
         ("install-after-load", ["before the first step", "reference="]),
     ],
 )

@@ -67,7 +67,7 @@ def _fsdp2_run(rank: int, world: int, base_file: str) -> dict[str, torch.Tensor]
 
 @pytest.mark.slow
 def test_fsdp2_install_matches_single_process(tmp_path: Path) -> None:
-    from distributed import run_distributed
+    from distributed import run_distributed, torch_threads
 
     base_file = tmp_path / "base.safetensors"
     save_file({k: v.contiguous() for k, v in base_weights(build_model()).items()}, str(base_file))
@@ -76,7 +76,8 @@ def test_fsdp2_install_matches_single_process(tmp_path: Path) -> None:
     model = build_model()
     optimizer = OnlineMergingAdamW(model.named_parameters(), lr=2e-2, weight_decay=0.01, merge=OnlineMergeConfig(**MERGE))
     optimizer.set_reference_delta(reference=model, base=base_weights(model))
-    _train(model, optimizer)
+    with torch_threads():  # the ranks' count, for the same matmul bits
+        _train(model, optimizer)
     expected = {n: p.detach() for n, p in model.named_parameters()}
     for got in results:
         assert max_abs_diff(got, expected) == 0.0

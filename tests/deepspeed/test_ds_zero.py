@@ -19,7 +19,10 @@ import torch
 from onmerge_megatron.merging import rng
 from onmerge_megatron.merging.coords import ShardCoords
 
+from ds_harness import fp16_unsupported
 from ds_reference import DARE, METHODS, STEP_K, TIES_SHARD, TIES_TENSOR, max_abs_diff, reference_run, run_harness
+
+FP16_UNSUPPORTED = fp16_unsupported()
 
 pytestmark = pytest.mark.slow  # 2 DeepSpeed processes (about 35 s for the whole module)
 
@@ -50,9 +53,15 @@ def _scenarios() -> list[dict[str, Any]]:
         {"id": "z3-bf16", "stage": 3, "bf16": True, "merge": {**STEP_K, "merge_every": 2}},
         {"id": "z2-dare-different-data", "stage": 2, "same_data": False, "merge": DARE},
         {"id": "z3-dare-different-data", "stage": 3, "same_data": False, "merge": DARE},
-        # fp16 with a loss scale that overflows at first: DeepSpeed skips those steps.
-        {"id": "z2-fp16-overflow", "stage": 2, "fp16": 20, "steps": 8, "trace": True, "weight_decay": 0.0, "merge": {**DARE, "alpha": 0.0}},
+        # Non-finite gradients at the listed steps: DeepSpeed skips them, as it skips fp16 overflows
+        # (bf16 checks gradients too, by default), so this path runs on any CPU.
+        {"id": "z2-bf16-overflow", "stage": 2, "bf16": True, "steps": 8, "overflow_at": [2, 3, 6], "trace": True, "weight_decay": 0.0, "merge": {**DARE, "alpha": 0.0}},
+        {"id": "z3-bf16-overflow", "stage": 3, "bf16": True, "steps": 8, "overflow_at": [1, 5], "merge": STEP_K},
+        {"id": "bf16-optimizer-overflow", "stage": 1, "bf16": True, "steps": 8, "overflow_at": [3, 4], "merge": STEP_K},
     ]
+    if not FP16_UNSUPPORTED:
+        # fp16 with a loss scale that overflows at first: DeepSpeed skips those steps.
+        out.append({"id": "z2-fp16-overflow", "stage": 2, "fp16": 20, "steps": 8, "trace": True, "weight_decay": 0.0, "merge": {**DARE, "alpha": 0.0}})
     return out
 
 
@@ -148,23 +157,52 @@ def test_different_data_per_rank_within_reduction_tolerance(zero_runs: dict[str,
     assert max_abs_diff(expected, initial) > 0.1  # the runs moved far more than the tolerance
 
 
-def test_fp16_overflow_skips_do_not_count_as_merge_steps(zero_runs: dict[str, Any]) -> None:
+def _assert_moves_follow_applied_masks(got: dict[str, Any], merge: dict[str, Any], steps: int) -> None:
     """Masks are keyed by the applied-update count: after k applied updates (whatever number of
-    skipped ones came between), only elements of step k's keep-mask may move (alpha=0, no decay)."""
-    got = result(zero_runs, "z2-fp16-overflow")
-    merge = SCENARIOS["z2-fp16-overflow"]["merge"]
-    assert got["skipped"] > 0, "the scenario must overflow at least once"
-    assert got["global_steps"] == 8
-    assert all(s == 8 - got["skipped"] for s in got["steps"])
-    trace, applied = got["trace"], 0
-    for before, after in zip(trace, trace[1:]):
+    skipped ones came between), only elements of step k's keep-mask may move (alpha=0, no decay).
+    A skipped step moves nothing; at least one move must also fall outside the mask of the step's
+    own number, so that counting skipped steps would have been caught."""
+    trace, applied, told_apart = got["trace"], 0, False
+    for step, (before, after) in enumerate(zip(trace, trace[1:]), start=1):
         moved = {n: torch.nonzero((after[n] != before[n]).reshape(-1)).squeeze(1) for n in after}
         if not any(m.numel() for m in moved.values()):
             continue  # a skipped step
         applied += 1
         for name, positions in moved.items():
-            shape = tuple(after[name].shape)
-            kept = rng.keep_positions(0, name, applied, rng.STREAM_UPDATE, ShardCoords.full(shape), merge["keep_rate"])
+            coords = ShardCoords.full(tuple(after[name].shape))
+            kept = rng.keep_positions(0, name, applied, rng.STREAM_UPDATE, coords, merge["keep_rate"])
             assert torch.isin(positions, kept).all(), f"{name}: elements outside step {applied}'s mask moved"
-        assert sum(m.numel() for m in moved.values()) > 0
-    assert applied == 8 - got["skipped"]
+            if applied != step:
+                told_apart |= not torch.isin(positions, rng.keep_positions(0, name, step, rng.STREAM_UPDATE, coords, merge["keep_rate"])).all()
+    assert applied == steps - got["skipped"]
+    assert told_apart, "no applied step could tell the applied count from the step number"
+
+
+@pytest.mark.skipif(bool(FP16_UNSUPPORTED), reason=FP16_UNSUPPORTED)
+def test_fp16_overflow_skips_do_not_count_as_merge_steps(zero_runs: dict[str, Any]) -> None:
+    got = result(zero_runs, "z2-fp16-overflow")
+    assert got["skipped"] > 0, "the scenario must overflow at least once"
+    assert got["global_steps"] == 8
+    assert all(s == 8 - got["skipped"] for s in got["steps"])
+    _assert_moves_follow_applied_masks(got, SCENARIOS["z2-fp16-overflow"]["merge"], 8)
+
+
+@pytest.mark.parametrize(
+    "sid,kind",
+    [("z2-bf16-overflow", "DeepSpeedZeroOptimizer"), ("z3-bf16-overflow", "DeepSpeedZeroOptimizer_Stage3"), ("bf16-optimizer-overflow", "BF16_Optimizer")],
+)
+def test_skipped_steps_do_not_count_as_merge_steps(zero_runs: dict[str, Any], sid: str, kind: str) -> None:
+    """DeepSpeed skips the step when a gradient is not finite. The merge's step count, step-K
+    schedule and masks follow the applied steps only: the run equals the single process trained
+    on the applied steps' batches alone."""
+    scenario = SCENARIOS[sid]
+    got = result(zero_runs, sid)
+    applied = scenario["steps"] - len(scenario["overflow_at"])
+    assert got["optimizer_kind"] == kind
+    assert (got["skipped"], got["global_steps"]) == (len(scenario["overflow_at"]), scenario["steps"])
+    assert got["steps"] and all(s == applied for s in got["steps"])
+    assert max_abs_diff(got["weights"], reference_run(scenario)) == 0.0
+    if scenario.get("trace"):
+        for step in scenario["overflow_at"]:
+            assert max_abs_diff(got["trace"][step], got["trace"][step - 1]) == 0.0, f"skipped step {step} moved weights"
+        _assert_moves_follow_applied_masks(got, scenario["merge"], scenario["steps"])

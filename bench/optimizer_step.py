@@ -67,7 +67,9 @@ def build_optimizer(kind: str, merge: dict, params: dict[str, torch.nn.Parameter
         return torch.optim.AdamW(params.values(), lr=1e-5, weight_decay=0.0, foreach=True)
     if kind == "torch-single":
         return torch.optim.AdamW(params.values(), lr=1e-5, weight_decay=0.0, foreach=False)
-    opt = OnlineMergingAdamW(list(params.items()), lr=1e-5, weight_decay=0.0, merge=OnlineMergeConfig(**merge))
+    merge = dict(merge)
+    nonfinite = merge.pop("nonfinite", "raise")  # the default: a NaN/Inf gradient check every step
+    opt = OnlineMergingAdamW(list(params.items()), lr=1e-5, weight_decay=0.0, merge=OnlineMergeConfig(**merge), nonfinite=nonfinite)
     if opt.merge_config.needs_reference:
         # One delta tensor at a time, as a streamed checkpoint would be: only what the optimizer keeps stays.
         shapes = {n: tuple(p.shape) for n, p in params.items()}
@@ -121,6 +123,7 @@ def main() -> None:
         ("torch AdamW (single-tensor)", "torch-single", {}),
         ("ours, method none", "ours", dict(method="none")),
         (f"OnDARE p={p}", "ours", dict(method="dare", keep_rate=p, alpha=5e-7)),
+        (f"OnDARE p={p}, no gradient check", "ours", dict(method="dare", keep_rate=p, alpha=5e-7, nonfinite="off")),
         (f"OnTIES p={p}, top-p per tensor", "ours", dict(method="ties", keep_rate=p, alpha=5e-7, ties_scope="tensor")),
         (f"OnTIES p={p}, top-p per shard", "ours", dict(method="ties", keep_rate=p, alpha=5e-7, ties_scope="shard")),
     ]

@@ -5,6 +5,10 @@ keys `step`, `exp_avg`, `exp_avg_sq`), so frameworks that own an inner AdamW (Me
 distributed optimizer, DeepSpeed's ZeRO) can be handed this one instead. With method="none" it is
 bit-identical to `torch.optim.AdamW`.
 
+A NaN/Inf gradient is refused before anything changes (``nonfinite="raise"``), or the whole step
+is skipped (``"skip"``): once in Adam's moments, one non-finite element would reach the weights at
+the next merge that keeps it (OnDARE), or silently freeze it (OnTIES never selects a NaN).
+
 Which elements a parameter tensor holds is described by `Segment`s: by default one segment, the
 whole tensor under its own name. Sharding adapters replace that with the pieces a rank owns
 (a Megatron shard, a ZeRO partition holding parts of many weights), and the merge then runs on
@@ -14,13 +18,15 @@ each piece with global coordinates, so masks and results do not depend on the la
 from __future__ import annotations
 
 import contextlib
+import math
+import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 
 import torch
 import torch.distributed as dist
 
-from .merging.config import OnlineMergeConfig
+from .merging.config import MergeCheckpointError, OnlineMergeConfig, check_compatible
 from .merging.coords import ShardCoords
 from .merging.merger import MergeStats, merge_segment
 from .merging.reference import ReferenceDelta, reference_positions
@@ -28,6 +34,13 @@ from .merging.sparsify import Exchange
 
 # Merge state restored exactly as saved by load_state_dict (no cast to the parameter's dtype).
 _EXACT_STATE = ("reference_values", "reference_positions", "reference_delta", "merge_accumulator", "weight_ema")
+_REFERENCE_STATE = ("reference_values", "reference_positions", "reference_delta")
+
+STATE_DICT_KEY = "online_merge"
+"""Top-level key of `OnlineMergingAdamW.state_dict()` holding the merge config and skipped_steps
+(torch's own load_state_dict ignores top-level keys it does not know)."""
+
+NonFinite = Literal["raise", "skip", "off"]
 
 DeltaFn = Callable[[str, ShardCoords], torch.Tensor]
 """Returns a segment's reference delta (1-D, coords.numel elements) given its name and coordinates."""
@@ -103,6 +116,16 @@ def default_segments(param: torch.Tensor, name: str) -> list[Segment]:
     return [Segment(name, ShardCoords.full(tuple(param.shape)))]
 
 
+def _used_merge_state(config: OnlineMergeConfig) -> set[str]:
+    """The merge state keys a config reads."""
+    used = set(_REFERENCE_STATE) if config.needs_reference else set()
+    if config.merges and config.merge_every > 1:
+        used.add("merge_accumulator")
+    if config.weight_ema > 0:
+        used.add("weight_ema")
+    return used
+
+
 def all_gather_exchange(group: Any) -> Exchange:
     """Gather variable-length (magnitude, index) candidate lists over a process group."""
 
@@ -176,6 +199,22 @@ def delta_from_full(delta: Mapping[str, torch.Tensor]) -> DeltaFn:
     return delta_fn
 
 
+def nonfinite_flags(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One bool per (non-empty, dense) tensor: does it hold a NaN or Inf? One fused max-|x| reduction
+    per device and dtype: NaN propagates through it and, unlike a sum of squares, it cannot overflow
+    on large finite values. The flags stay on the first tensor's device (no host synchronisation)."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    flags: list[torch.Tensor] = [None] * len(tensors)  # type: ignore[list-item]
+    for indices in groups.values():
+        norms = torch._foreach_norm([tensors[i] for i in indices], ord=math.inf)
+        group_flags = ~torch.isfinite(torch.stack(norms)).to(tensors[0].device)
+        for j, i in enumerate(indices):
+            flags[i] = group_flags[j]  # a view: put back in order without an indexing kernel
+    return torch.stack(flags)
+
+
 class OnlineMergingAdamW(torch.optim.Optimizer):
     """AdamW with online merging (OnDARE / OnTIES / step-K) of every step with a reference delta.
 
@@ -184,6 +223,22 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
             Masks are keyed by parameter names, so pass names when merging.
         lr, betas, eps, weight_decay: as in `torch.optim.AdamW`.
         merge: the merge settings; None means OnlineMergeConfig() (OnDARE, p=0.01).
+        nonfinite: what a NaN/Inf in any gradient does to a step, checked before anything changes
+            (one reduction per device and one host synchronisation per step):
+            "raise" (default): FloatingPointError naming the first such parameter and its count.
+            "skip": the whole step is skipped (no parameter, moment, step counter, accumulator or
+            EMA changes; an LR scheduler still advances), warned about and counted in
+            ``skipped_steps``, which is saved with the state. With DTensor (FSDP2) parameters the
+            ranks of each device mesh take the same decision (one small all-reduce per step, in
+            this mode only); plain tensors (DDP replicas, ZeRO or Megatron shards) are decided by
+            each process alone.
+            "off": no check, for frameworks that skip such steps themselves (Megatron's and
+            DeepSpeed's loss-scaler overflow check) or for speed.
+            With any check, eps must be > 0: m / (sqrt(v) + 0) is 0/0 = NaN wherever every gradient
+            so far was zero, which no gradient check sees.
+
+    ``state_dict()`` also saves the merge config; ``load_state_dict`` refuses state whose
+    reference delta was built under other settings (`merging.config.check_compatible`).
     """
 
     def __init__(
@@ -196,7 +251,10 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         *,
         merge: OnlineMergeConfig | None = None,
         maximize: bool = False,
+        nonfinite: NonFinite = "raise",
     ) -> None:
+        if nonfinite not in ("raise", "skip", "off"):
+            raise ValueError(f"nonfinite must be 'raise', 'skip' or 'off', got {nonfinite!r}")
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not 0.0 <= eps:
@@ -206,7 +264,16 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize))
+        zero_eps = [i for i, group in enumerate(self.param_groups) if group["eps"] == 0]
+        if zero_eps and nonfinite != "off":
+            raise ValueError(
+                f"eps=0 (param group {zero_eps[0]}) with nonfinite={nonfinite!r}: Adam's m / (sqrt(v) + eps) is 0/0 = NaN "
+                "wherever every gradient so far was zero, which the gradient check cannot see; use eps > 0, or nonfinite='off'"
+            )
         self.merge_config = merge if merge is not None else OnlineMergeConfig()
+        self.nonfinite: NonFinite = nonfinite
+        self.skipped_steps = 0
+        """Steps skipped for a non-finite gradient (nonfinite='skip'); saved with the state."""
         self.track_update_norm = False
         self._segments: dict[torch.Tensor, list[Segment]] = {}
         self._references: dict[torch.Tensor, list[ReferenceDelta]] = {}
@@ -331,7 +398,35 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
     def _exchange(self, seg: Segment) -> Exchange | None:
         return all_gather_exchange(seg.group) if seg.group is not None else None
 
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state[STATE_DICT_KEY] = {"config": self.merge_config.to_dict(), "skipped_steps": self.skipped_steps}
+        return state
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load, after checking (before anything changes) that the saved merge state fits this
+        run's settings. Merge state this run's settings do not use is dropped."""
+        saved = state_dict.get(STATE_DICT_KEY)
+        saved_config = None if saved is None else OnlineMergeConfig.from_dict(saved["config"], where="saved optimizer state's merge config")
+        states = state_dict["state"].values()
+        if saved_config is not None:
+            check_compatible(saved_config, self.merge_config)
+        elif any(key in s for s in states for key in _EXACT_STATE):
+            warnings.warn(
+                "OnlineMergingAdamW.load_state_dict: the state holds merge state but no merge config (saved by an older "
+                "version, or by a wrapper that keeps only 'state' and 'param_groups'), so it cannot be checked against "
+                "this run's settings",
+                stacklevel=2,
+            )
+        used = _used_merge_state(self.merge_config)
+        if "merge_accumulator" not in used and any(bool(s["merge_accumulator"].any()) for s in states if "merge_accumulator" in s):
+            saved_every = saved_config.merge_every if saved_config is not None else "unknown"
+            raise MergeCheckpointError(
+                f"online merge: merge_every: {saved_every} saved, {self.merge_config.merge_every} now "
+                f"(method {self.merge_config.method!r} now): the state was saved between merges and holds plain updates "
+                "not merged yet (merge_accumulator), which this run would never merge; resume with the saved merge_every, "
+                "or from a state saved at a merge step"
+            )
         # torch casts every state tensor to its parameter's dtype: integer positions would turn into
         # floats (exact only below 2^24) and fp32 merge state into bf16. Merge state is put back as saved.
         exact = {pid: {k: v for k, v in s.items() if k in _EXACT_STATE} for pid, s in state_dict["state"].items()}
@@ -340,7 +435,13 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         for pid, param in zip(saved_ids, params):
             for key, value in exact.get(pid, {}).items():
-                self.state[param][key] = value.to(device=_local(param).device)
+                if key in used:
+                    self.state[param][key] = value.to(device=_local(param).device)
+                else:
+                    # Kept, a reference delta unused now could later be checked against the wrong settings.
+                    self.state[param].pop(key, None)
+        if saved is not None:
+            self.skipped_steps = int(saved.get("skipped_steps", 0))
         self._references = {}
 
     # ---------------------------------------------------------------- stats and EMA
@@ -373,6 +474,8 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.nonfinite != "off" and self._nonfinite_step():
+            return loss
         config = self.merge_config
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
@@ -383,22 +486,72 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
                 self._step_param(param, _local(param), _local(param.grad), group, lr, beta1, beta2, eps, weight_decay, config)
         return loss
 
+    def _nonfinite_step(self) -> bool:
+        """Check every gradient for NaN/Inf before anything changes. Returns True when this step is
+        skipped (nonfinite='skip'); raises FloatingPointError with nonfinite='raise'."""
+        grads = [(p, name, _local(p.grad)) for p, name in self._names() if p.grad is not None]
+        # Sparse gradients are refused by the step itself; empty pieces hold nothing to check.
+        grads = [(p, name, g) for p, name, g in grads if g.numel() and not g.is_sparse]
+        flags = nonfinite_flags([g for _, _, g in grads]) if grads else None
+        found = flags.any() if flags is not None else torch.zeros((), dtype=torch.bool)
+        if self.nonfinite == "skip":
+            found = self._agree_over_meshes(found)
+        if not bool(found):  # the one host synchronisation of a step without NaN/Inf
+            return False
+        bad = [i for i, flag in enumerate(flags.tolist()) if flag] if flags is not None else []
+        where = self._describe_nonfinite(grads[bad[0]], len(bad), len(grads)) if bad else "on another rank of the device mesh"
+        if self.nonfinite == "raise":
+            raise FloatingPointError(
+                f"non-finite gradient: {where}; the step was refused and nothing changed "
+                "(OnlineMergingAdamW(nonfinite='skip') skips such steps, 'off' disables the check)"
+            )
+        self.skipped_steps += 1
+        warnings.warn(
+            f"OnlineMergingAdamW: non-finite gradient ({where}); step skipped, {self.skipped_steps} so far", RuntimeWarning, stacklevel=3
+        )
+        return True
+
+    def _agree_over_meshes(self, found: torch.Tensor) -> torch.Tensor:
+        """OR of the flag over the device meshes of DTensor parameters, so every rank skips together.
+        Meshes are visited in parameter order, the same on every rank."""
+        meshes = {}
+        for p, _ in self._names():
+            if hasattr(p, "device_mesh"):
+                meshes.setdefault(id(p.device_mesh), (p.device_mesh, _local(p).device))
+        for mesh, device in meshes.values():
+            flag = found.to(device=device, dtype=torch.int32).reshape(1)
+            for group in mesh.get_all_groups():
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+            found = flag[0] > 0
+        return found
+
+    def _describe_nonfinite(self, item: tuple[torch.Tensor, str, torch.Tensor], count: int, total: int) -> str:
+        param, name, grad = item
+        bad = ~torch.isfinite(grad.reshape(-1))
+        first = int(bad.nonzero()[0])
+        # A flat ZeRO / Megatron partition holds pieces of many weights: name the weight as well.
+        weight = next((s.name for s in self.segments(param) if s.offset <= first < s.offset + s.coords.numel), name)
+        inside = f" (element {first}, of {weight!r})" if weight != name else ""
+        return f"{name!r}{inside} has {int(bad.sum())} NaN/Inf element(s); {count} of {total} gradients hold some"
+
     def _init_state(self, param: torch.Tensor, data: torch.Tensor, config: OnlineMergeConfig) -> dict[str, Any]:
-        """The parameter's state, created at its first step (checked for a reference delta first)."""
+        """The parameter's state, created at its first step (checked for a reference delta first); merge
+        state that the config asks for and a resumed state lacks is created too."""
         state = self.state[param]
+        if config.needs_reference and "reference_values" not in state:
+            raise RuntimeError(
+                f"online merge: no reference delta for {self.segments(param)[0].name!r}; call set_reference_delta(...) "
+                "before the first step, or after loading a state saved without one (or use alpha=0 / method='none')"
+            )
         if "step" not in state:
-            if config.needs_reference and "reference_values" not in state:
-                raise RuntimeError(
-                    f"online merge: no reference delta for {self.segments(param)[0].name!r}; "
-                    "call set_reference_delta(...) before the first step (or use alpha=0 / method='none')"
-                )
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(data, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(data, memory_format=torch.preserve_format)
-            if config.merges and config.merge_every > 1:
-                state["merge_accumulator"] = torch.zeros_like(data, dtype=torch.float32)
-            if config.weight_ema > 0:
-                state["weight_ema"] = data.detach().clone()
+        # Not only at the first step: a resume may turn step-K or the EMA on.
+        if config.merges and config.merge_every > 1 and "merge_accumulator" not in state:
+            state["merge_accumulator"] = torch.zeros_like(data, dtype=torch.float32)
+        if config.weight_ema > 0 and "weight_ema" not in state:
+            state["weight_ema"] = data.detach().clone()
         return state
 
     def _step_param(self, param, data, grad, group, lr, beta1, beta2, eps, weight_decay, config) -> None:

@@ -58,7 +58,8 @@ def ties_consensus(u: torch.Tensor, r: torch.Tensor, alpha: float, weighted: boo
 
 class Algorithm2:
     """Paper Algorithm 2 (step-K online merging on Adam) on full tensors, with reference-code
-    defaults (DARE rescale, tau clamp to [-1, 1], fixed tau mask, unweighted sign election)."""
+    defaults (DARE rescale, fixed tau mask, unweighted sign election; tau clamped to [-1, 1] for
+    DARE only: the reference ODAdamW clamps, OTAdamW does not)."""
 
     def __init__(self, params: dict[str, torch.Tensor], delta: dict[str, torch.Tensor], *, method: str, keep_rate: float,
                  alpha: float, merge_every: int, lr: float, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, seed=0):
@@ -74,9 +75,9 @@ class Algorithm2:
             d = d.reshape(-1).float()
             if method == "dare":
                 kept = torch.where(dare_mask(seed, n, 0, rng.STREAM_REFERENCE, tuple(d.shape), keep_rate), d, 0.0) / keep_rate
+                self.tau[n] = kept.clamp(-1.0, 1.0)
             else:
-                kept = torch.where(top_k_mask(d, keep_rate), d, 0.0)
-            self.tau[n] = kept.clamp(-1.0, 1.0)
+                self.tau[n] = torch.where(top_k_mask(d, keep_rate), d, 0.0)
 
     def step(self, grads: dict[str, torch.Tensor]) -> None:
         self.t += 1

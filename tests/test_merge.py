@@ -12,16 +12,16 @@ SHAPE = (300, 1000)
 NAME = "decoder.layers.0.mlp.linear_fc1.weight"
 
 
-def tensors(seed=0):
+def tensors(seed=0, delta_scale=5e-3):
     gen = torch.Generator().manual_seed(seed)
     param = torch.randn(SHAPE, generator=gen) * 0.02
     update = torch.randn(SHAPE, generator=gen) * 1e-3
-    delta = torch.randn(SHAPE, generator=gen) * 5e-3
+    delta = torch.randn(SHAPE, generator=gen) * delta_scale
     return param, update, delta
 
 
-def whole_step(config, step=1, seed=0):
-    param, update, delta = tensors(seed)
+def whole_step(config, step=1, seed=0, delta_scale=5e-3):
+    param, update, delta = tensors(seed, delta_scale)
     coords = ShardCoords.full(SHAPE)
     reference = ReferenceDelta.build(delta.view(-1), config, NAME, coords)
     flat = param.view(-1)
@@ -29,16 +29,19 @@ def whole_step(config, step=1, seed=0):
     return param
 
 
-def test_ondare_matches_equation_3():
+# Large deltas put |tau| above 1 (after DARE's 1/p for OnDARE), where the default clamp matters.
+@pytest.mark.parametrize("delta_scale", [5e-3, 0.2], ids=["small-tau", "tau-above-1"])
+def test_ondare_matches_equation_3(delta_scale):
+    """The reference code's ODAdamW clamps the rescaled, sparsified tau to [-1, 1]."""
     config = OnlineMergeConfig(method="dare", keep_rate=0.05, alpha=0.3)
-    param, update, delta = tensors()
+    param, update, delta = tensors(delta_scale=delta_scale)
     n = param.numel()
     update_mask = dare_mask(0, NAME, 4, rng.STREAM_UPDATE, (n,), 0.05)
     reference_mask = dare_mask(0, NAME, 0, rng.STREAM_REFERENCE, (n,), 0.05)
     expected = param.view(-1).clone()
     expected += torch.where(update_mask, update.view(-1) / 0.05, 0.0) * 0.7
     expected += torch.where(reference_mask, delta.view(-1) / 0.05, 0.0).clamp(-1, 1) * 0.3
-    assert torch.equal(whole_step(config, step=4).view(-1), expected)
+    assert torch.equal(whole_step(config, step=4, delta_scale=delta_scale).view(-1), expected)
 
 
 def test_ondare_touches_only_kept_elements():
@@ -49,16 +52,31 @@ def test_ondare_touches_only_kept_elements():
     assert torch.equal(changed.view(-1), kept)
 
 
+@pytest.mark.parametrize("delta_scale", [5e-3, 2.0], ids=["small-tau", "tau-above-1"])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_onties_matches_equations_5_to_7(weighted):
+def test_onties_matches_equations_5_to_7(weighted, delta_scale):
+    """The reference code's OTAdamW does not clamp tau (only its ODAdamW does)."""
     config = OnlineMergeConfig(method="ties", keep_rate=0.002, alpha=0.3, sign_election="weighted" if weighted else "unweighted")
-    param, update, delta = tensors()
+    param, update, delta = tensors(delta_scale=delta_scale)
     u = torch.where(top_k_mask(update, 0.002), update.view(-1), 0.0)
-    r = torch.where(top_k_mask(delta, 0.002), delta.view(-1), 0.0).clamp(-1, 1)
+    r = torch.where(top_k_mask(delta, 0.002), delta.view(-1), 0.0)
     support = torch.nonzero((u != 0) | (r != 0)).squeeze(1)
     expected = param.view(-1).clone()
     expected[support] += ties_consensus(u[support], r[support], 0.3, weighted)
-    assert torch.equal(whole_step(config).view(-1), expected)
+    assert torch.equal(whole_step(config, delta_scale=delta_scale).view(-1), expected)
+
+
+def test_reference_clamp_is_an_option_for_both_methods():
+    """An explicit clamp applies to OnTIES too; None disables it for OnDARE."""
+    param, update, delta = tensors(delta_scale=2.0)
+    coords = ShardCoords.full(SHAPE)
+    for method, clamp, bound in (("ties", 1.0, 1.0), ("ties", "auto", None), ("dare", None, None), ("dare", "auto", 1.0)):
+        config = OnlineMergeConfig(method=method, keep_rate=0.01, alpha=0.3, reference_clamp=clamp)
+        largest = float(ReferenceDelta.build(delta.view(-1), config, NAME, coords).values.abs().max())
+        if bound is None:
+            assert largest > 1.0, (method, clamp, largest)
+        else:
+            assert largest == bound, (method, clamp, largest)
 
 
 def test_l1_rescale_keeps_update_norm():
@@ -132,7 +150,7 @@ def test_onties_per_shard_is_top_p_of_each_piece():
         g = coords.global_index(torch.arange(coords.numel))
         u_piece, r_piece = update.view(-1)[g], delta.view(-1)[g]
         u = torch.where(top_k_mask(u_piece, 0.01, g), u_piece, 0.0)
-        r = torch.where(top_k_mask(r_piece, 0.01, g), r_piece, 0.0).clamp(-1, 1)
+        r = torch.where(top_k_mask(r_piece, 0.01, g), r_piece, 0.0)
         support = torch.nonzero((u != 0) | (r != 0)).squeeze(1)
         expected[g[support]] += ties_consensus(u[support], r[support], 0.2, weighted=False)
     assert torch.equal(sharded_step(config, "flat").view(-1), expected)

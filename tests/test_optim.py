@@ -1,6 +1,7 @@
 """OnlineMergingAdamW: exact AdamW when off, Algorithm 2 when on, resumable, strict about input."""
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -20,9 +21,9 @@ def make_params(seed=0):
     return {n: torch.nn.Parameter(torch.randn(s, generator=gen) * 0.1) for n, s in SHAPES.items()}
 
 
-def make_delta(seed=1):
+def make_delta(seed=1, scale=0.05):
     gen = torch.Generator().manual_seed(seed)
-    return {n: torch.randn(s, generator=gen) * 0.05 for n, s in SHAPES.items()}
+    return {n: torch.randn(s, generator=gen) * scale for n, s in SHAPES.items()}
 
 
 def grads_for(step, seed=2):
@@ -72,9 +73,11 @@ def test_method_none_is_torch_adamw_bit_for_bit(foreach):
 
 @pytest.mark.parametrize("method", ["dare", "ties"])
 @pytest.mark.parametrize("merge_every", [1, 3])
-def test_matches_algorithm_2(method, merge_every):
+@pytest.mark.parametrize("delta_scale", [0.05, 3.0], ids=["small-tau", "tau-above-1"])
+def test_matches_algorithm_2(method, merge_every, delta_scale):
+    """With |tau| > 1 the default clamp matters: the reference code clamps OnDARE's tau, not OnTIES'."""
     params = make_params()
-    delta = make_delta()
+    delta = make_delta(scale=delta_scale)
     kwargs = dict(method=method, keep_rate=0.1, alpha=0.3, merge_every=merge_every)
     reference = Algorithm2(params, delta, lr=1e-2, weight_decay=0.05, **kwargs)
     opt = OnlineMergingAdamW(list(params.items()), lr=1e-2, weight_decay=0.05, merge=OnlineMergeConfig(**kwargs))
@@ -204,11 +207,25 @@ def test_merge_stats():
         (dict(merge_every=2.5), "merge_every must be an integer >= 1"),
         (dict(method="slerp"), "method must be one of"),
         (dict(method="ties", reference_mask="resampled"), "no meaning with method='ties'"),
+        (dict(reference_clamp=0.0), "reference_clamp must be a positive number, 'auto' or None"),
+        (dict(reference_clamp="on"), "reference_clamp must be a positive number, 'auto' or None"),
+        (dict(reference_clamp=True), "reference_clamp must be a positive number, 'auto' or None"),
     ],
 )
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         OnlineMergeConfig(**kwargs)
+
+
+def test_reference_clamp_default_follows_the_method():
+    """'auto' stays in the config and is resolved per method, so replace() and dict round trips follow the method."""
+    dare = OnlineMergeConfig(method="dare")
+    assert dare.reference_clamp == "auto" and dare.resolved_reference_clamp == 1.0
+    ties = dataclasses.replace(dare, method="ties")
+    assert ties.resolved_reference_clamp is None
+    assert OnlineMergeConfig.from_dict(ties.to_dict()) == ties
+    assert OnlineMergeConfig(method="ties", reference_clamp=2).resolved_reference_clamp == 2
+    assert OnlineMergeConfig(method="dare", reference_clamp=None).resolved_reference_clamp is None
 
 
 def test_unknown_config_key_is_named():

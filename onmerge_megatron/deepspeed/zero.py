@@ -164,6 +164,15 @@ def check_engine(engine: Any) -> OnlineMergingAdamW:
             f"online merge: DeepSpeed steps a {type(optimizer).__name__}, not OnlineMergingAdamW; pass "
             "OnlineMergingAdamW(...) as optimizer= to deepspeed.initialize (Hugging Face Trainer: see onmerge_megatron.deepspeed.hf)"
         )
+    if optimizer.nonfinite == "skip" and engine.optimizer is not optimizer:
+        # Each rank checks only its own partition, one param group (ZeRO-1/2) or sub-group (ZeRO-3)
+        # per call: a skip would drop part of a step, on some ranks only.
+        raise UnsupportedDeepSpeedSetup(
+            "online merge: OnlineMergingAdamW(nonfinite='skip') under ZeRO / BF16_Optimizer would skip part of a step on "
+            "one rank only (each rank steps its own partition, one group at a time). DeepSpeed skips steps with inf/NaN "
+            "gradients itself (fp16; bf16 with check_grad_overflow; any dtype with gradient clipping): use "
+            "nonfinite='raise' (default) or 'off'"
+        )
     if getattr(engine, "pipeline_parallelism", False):
         raise UnsupportedDeepSpeedSetup("online merge: DeepSpeed pipeline parallelism is not supported; use the Megatron adapter")
     mpu = getattr(engine, "mpu", None)

@@ -42,7 +42,7 @@ from ..merging.coords import ShardCoords
 from ..merging.merger import MergeStats, _WithAccumulator, apply_merge, merge_segment
 from ..merging.reference import ReferenceDelta
 from ..merging.sparsify import _SAMPLE, above_threshold, dare_rescale, l1_rescale, ties_positions, top_k_count, top_k_threshold
-from ..optim import AdamUpdate, OnlineMergingAdamW, Segment
+from ..optim import AdamUpdate, NonFinite, OnlineMergingAdamW, Segment
 
 try:
     import triton
@@ -331,7 +331,7 @@ class FusedOnlineMergingAdamW(OnlineMergingAdamW):
 
     Same arguments, state keys (`step`, `exp_avg`, `exp_avg_sq`, `merge_accumulator`, the reference
     state) and results as the engine, so it can replace it inside Megatron's distributed optimizer
-    or DeepSpeed. Extra arguments:
+    or DeepSpeed. The gradient check (``nonfinite``) runs in the shared ``step()``, before either path. Extra arguments:
         backend: "auto" (the kernel on CUDA tensors when Triton imports, the engine otherwise),
             "triton" (always the kernel; on CPU only under TRITON_INTERPRET=1, used by the tests),
             "torch" (always the engine).
@@ -350,10 +350,13 @@ class FusedOnlineMergingAdamW(OnlineMergingAdamW):
         *,
         merge: OnlineMergeConfig | None = None,
         maximize: bool = False,
+        nonfinite: NonFinite = "raise",
         backend: Literal["auto", "triton", "torch"] = "auto",
         block_size: int = 1024,
     ) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, merge=merge, maximize=maximize)
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, merge=merge, maximize=maximize, nonfinite=nonfinite
+        )
         if backend not in ("auto", "triton", "torch"):
             raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
         if backend == "triton" and triton is None:

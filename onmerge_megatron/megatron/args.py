@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 _DEFAULTS = OnlineMergeConfig()
 
 
-def _clamp(value: str) -> float | None:
+def _clamp(value: str) -> float | Literal["auto"] | None:
+    if value.lower() == "auto":
+        return "auto"
     return None if value.lower() in ("none", "off", "0") else float(value)
 
 
@@ -60,7 +62,8 @@ def add_online_merge_args(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     group.add_argument("--online-merge-sign-election", choices=("unweighted", "weighted"), default=_DEFAULTS.sign_election)
     group.add_argument("--online-merge-reference-mask", choices=("fixed", "resampled"), default=_DEFAULTS.reference_mask)
     group.add_argument("--online-merge-reference-clamp", type=_clamp, default=_DEFAULTS.reference_clamp,
-                       help="Clamp the sparsified reference delta to [-c, c]; 'none' disables.")
+                       help="Clamp the sparsified reference delta to [-c, c]; 'none' disables; 'auto' (default) "
+                            "follows the reference code: 1.0 for OnDARE, none for OnTIES.")
     group.add_argument("--online-merge-no-dare-rescale", action="store_true",
                        help="Do not scale kept OnDARE elements by 1/p.")
     group.add_argument("--online-merge-l1-rescale", action="store_true",
@@ -98,7 +101,7 @@ class OnlineMergeSettings:
     ties_scope: Literal["shard", "tensor"] = _DEFAULTS.ties_scope
     sign_election: Literal["unweighted", "weighted"] = _DEFAULTS.sign_election
     reference_mask: Literal["fixed", "resampled"] = _DEFAULTS.reference_mask
-    reference_clamp: float | None = _DEFAULTS.reference_clamp
+    reference_clamp: float | Literal["auto"] | None = _DEFAULTS.reference_clamp
     dare_rescale: bool = _DEFAULTS.dare_rescale
     l1_rescale: bool = _DEFAULTS.l1_rescale
     weight_ema: float = _DEFAULTS.weight_ema

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from ..merging.config import OnlineMergeConfig
+from ..merging.config import MergeCheckpointError, OnlineMergeConfig, check_compatible
 
 if TYPE_CHECKING:
     from .optimizer import MainShard, OnlineMergingHandle
@@ -37,12 +37,6 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "online_merge"
 ADAM_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
-# Settings that decide which elements the saved reference delta and masks refer to.
-_MASK_SETTINGS = ("method", "keep_rate", "seed", "reference_mask", "dare_rescale", "reference_clamp")
-
-
-class MergeCheckpointError(RuntimeError):
-    """A checkpoint's merge state cannot be used with this run's settings."""
 
 
 def _state_keys(config: OnlineMergeConfig) -> list[str]:
@@ -260,13 +254,7 @@ def load_merge_state(handle: "OnlineMergingHandle", loaded: dict[str, Any]) -> N
     config = handle.config
     common = loaded["common"]
     saved = OnlineMergeConfig.from_dict(common["config"], where="checkpoint's online merge config")
-    changed = [name for name in _MASK_SETTINGS if getattr(saved, name) != getattr(config, name)]
-    if changed and config.needs_reference:
-        raise MergeCheckpointError(
-            f"online merge: the checkpoint's reference delta was kept with different {changed} "
-            f"({[getattr(saved, n) for n in changed]} there, {[getattr(config, n) for n in changed]} now); "
-            f"resume with the same settings or rebuild the reference delta from the base weights"
-        )
+    check_compatible(saved, config)
     keys = list(common["keys"])
     index = _shard_index(handle)
     step = int(common["step"])

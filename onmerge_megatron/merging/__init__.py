@@ -5,9 +5,19 @@ tensor), rng (counter-based keep-masks), sparsify (DARE and TIES sparsifiers), c
 and sign consensus), reference (how the reference delta is stored), merger (one merged step).
 """
 
-from .config import OnlineMergeConfig
+from .config import MergeCheckpointError, OnlineMergeConfig, check_compatible
 from .coords import Block, ShardCoords
 from .merger import DenseUpdate, MergeStats, merge_segment
 from .reference import ReferenceDelta
 
-__all__ = ["Block", "DenseUpdate", "MergeStats", "OnlineMergeConfig", "ReferenceDelta", "ShardCoords", "merge_segment"]
+__all__ = [
+    "Block",
+    "DenseUpdate",
+    "MergeCheckpointError",
+    "MergeStats",
+    "OnlineMergeConfig",
+    "ReferenceDelta",
+    "ShardCoords",
+    "check_compatible",
+    "merge_segment",
+]

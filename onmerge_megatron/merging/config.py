@@ -1,4 +1,4 @@
-"""Settings of the online merge, validated when they are built."""
+"""Settings of the online merge, validated when they are built, and which of them saved merge state depends on."""
 
 from __future__ import annotations
 
@@ -36,8 +36,9 @@ class OnlineMergeConfig:
     """Scale kept DARE elements by 1/p (reference code), making the sparsifier unbiased."""
     l1_rescale: bool = False
     """Scale the sparsified update to the L1 norm of the dense one, then clamp to [-1, 1]."""
-    reference_clamp: float | None = 1.0
-    """Clamp the sparsified reference delta to [-c, c] (reference code: 1.0); None disables it."""
+    reference_clamp: float | Literal["auto"] | None = "auto"
+    """Clamp the sparsified reference delta to [-c, c]; None disables it. 'auto' follows the reference
+    code: 1.0 for OnDARE (its ODAdamW clamps), None for OnTIES (its OTAdamW does not)."""
     reference_mask: Literal["fixed", "resampled"] = "fixed"
     """'fixed': the reference delta's mask is drawn once (reference code); 'resampled': every merge."""
     sign_election: Literal["unweighted", "weighted"] = "unweighted"
@@ -60,10 +61,13 @@ class OnlineMergeConfig:
             raise ValueError(f"online merge: alpha must be in [0, 1], got {self.alpha!r}")
         if isinstance(self.merge_every, bool) or not isinstance(self.merge_every, int) or self.merge_every < 1:
             raise ValueError(f"online merge: merge_every must be an integer >= 1, got {self.merge_every!r}")
-        if self.reference_clamp is not None and not (
-            isinstance(self.reference_clamp, (int, float)) and self.reference_clamp > 0 and math.isfinite(self.reference_clamp)
+        if self.reference_clamp not in (None, "auto") and not (
+            isinstance(self.reference_clamp, (int, float))
+            and not isinstance(self.reference_clamp, bool)
+            and self.reference_clamp > 0
+            and math.isfinite(self.reference_clamp)
         ):
-            raise ValueError(f"online merge: reference_clamp must be a positive number or None, got {self.reference_clamp!r}")
+            raise ValueError(f"online merge: reference_clamp must be a positive number, 'auto' or None, got {self.reference_clamp!r}")
         if not (isinstance(self.weight_ema, (int, float)) and 0.0 <= self.weight_ema < 1.0):
             raise ValueError(f"online merge: weight_ema must be in [0, 1), got {self.weight_ema!r}")
         if self.method == "ties" and self.reference_mask == "resampled":
@@ -75,6 +79,16 @@ class OnlineMergeConfig:
     def merges(self) -> bool:
         """True when steps are sparsified/merged at all (method is not 'none')."""
         return self.method != "none"
+
+    @property
+    def resolved_reference_clamp(self) -> float | None:
+        """The clamp applied to the sparsified reference delta, 'auto' resolved for this method.
+
+        Resolved here rather than stored, so that ``dataclasses.replace(config, method=...)`` and
+        to_dict/from_dict round trips keep following the method."""
+        if self.reference_clamp == "auto":
+            return 1.0 if self.method == "dare" else None
+        return self.reference_clamp
 
     @property
     def needs_reference(self) -> bool:
@@ -92,3 +106,47 @@ class OnlineMergeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+class MergeCheckpointError(RuntimeError):
+    """Saved merge state cannot be used with this run's settings."""
+
+
+def reference_settings(config: OnlineMergeConfig) -> dict[str, Any]:
+    """The settings a stored reference delta depends on (resolved): which elements it holds and how
+    its values were made. Empty when the config uses no reference delta.
+
+    A fixed DARE mask is not stored but redrawn from (seed, keep_rate), and the kept values are
+    stored rescaled and clamped; TIES stores the top-p positions it chose (per keep_rate and
+    ties_scope) and the clamped values; a resampled mask stores the raw, dense delta, from which
+    every merge draws, rescales and clamps anew.
+    """
+    if not config.needs_reference:
+        return {}
+    settings: dict[str, Any] = {"method": config.method, "reference_mask": config.reference_mask}
+    if config.reference_mask == "resampled":
+        return settings
+    settings.update(keep_rate=config.keep_rate, reference_clamp=config.resolved_reference_clamp)
+    if config.method == "dare":
+        settings.update(seed=config.seed, dare_rescale=config.dare_rescale)
+    else:
+        settings.update(ties_scope=config.ties_scope)
+    return settings
+
+
+def check_compatible(saved: OnlineMergeConfig, current: OnlineMergeConfig) -> None:
+    """Refuse to resume state saved under ``saved`` with ``current`` where the saved reference delta
+    would be read at the wrong elements or with the wrong values. Everything else may change on a
+    resume (alpha, sign_election, l1_rescale, merge_every, weight_ema; any setting when either
+    config uses no reference delta: there is none to misread, or it is not used)."""
+    before, now = reference_settings(saved), reference_settings(current)
+    if not before or not now:
+        return
+    # A setting only one side depends on differs only when method or reference_mask does, and those are named.
+    changed = [key for key in before if key in now and before[key] != now[key]]
+    if changed:
+        values = ", ".join(f"{key}: {before[key]!r} saved, {now[key]!r} now" for key in changed)
+        raise MergeCheckpointError(
+            f"online merge: the saved reference delta was built with other settings ({values}); resume with the "
+            "saved settings, or set the reference delta again from the base weights (set_reference_delta)"
+        )

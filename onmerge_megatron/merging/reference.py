@@ -5,7 +5,7 @@ With a fixed mask only the kept elements are ever used, so only they are stored:
   generator whenever they are needed.
 - TIES: values and int32 positions (top-p of a fixed tensor is fixed, so positions are found once).
 A resampled DARE mask needs the whole delta, which is then stored dense.
-Kept values are stored already rescaled (DARE) and clamped, but not weighted by alpha.
+Kept values are stored already rescaled (DARE) and clamped (as configured), but not weighted by alpha.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from .sparsify import Exchange, dare_rescale, ties_positions
 def _finish(values: torch.Tensor, config: OnlineMergeConfig) -> torch.Tensor:
     if config.method == "dare" and config.dare_rescale:
         values = dare_rescale(values, config.keep_rate)
-    if config.reference_clamp is not None:
-        values = values.clamp(-config.reference_clamp, config.reference_clamp)
+    clamp = config.resolved_reference_clamp
+    if clamp is not None:
+        values = values.clamp(-clamp, clamp)
     return values.to(torch.float32).contiguous()
 
 

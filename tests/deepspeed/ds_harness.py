@@ -144,7 +144,8 @@ def _engine(scenario: dict[str, Any], install: bool = True):
     merge = OnlineMergeConfig(**scenario["merge"])
     client = scenario.get("client", "merging")
     if client == "merging":
-        optimizer = OnlineMergingAdamW(param_groups(model, scenario), lr=LR, weight_decay=scenario.get("weight_decay", WEIGHT_DECAY), merge=merge)
+        optimizer = OnlineMergingAdamW(param_groups(model, scenario), lr=LR, weight_decay=scenario.get("weight_decay", WEIGHT_DECAY), merge=merge,
+                                       nonfinite=scenario.get("nonfinite", "raise"))
     elif client == "adamw":
         optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     else:  # none: DeepSpeed builds the optimizer from its config

@@ -76,6 +76,8 @@ ERROR_SCENARIOS = [
     {"id": "plain-adamw-client", "stage": 1, "expect_error": True, "client": "adamw", "merge": STEP_K},
     {"id": "elastic-checkpoint", "stage": 2, "expect_error": True, "extra_config": {"zero_optimization": {"stage": 2, "elastic_checkpoint": True}}, "merge": STEP_K},
     {"id": "no-base", "stage": 3, "expect_error": True, "no_base": True, "merge": STEP_K},
+    # Each rank steps its own partition one group at a time: a skip would drop part of a step.
+    {"id": "nonfinite-skip", "stage": 2, "expect_error": True, "nonfinite": "skip", "merge": STEP_K},
     # bf16 at stage 0 with bf16 gradient accumulation gets the same wrapper as fp16, on any CPU.
     {"id": "stage0-bf16", "stage": 0, "bf16": True, "extra_config": {"data_types": {"grad_accum_dtype": "bf16"}}, "expect_error": True, "merge": {**STEP_K, "alpha": 0.0}},
 ]
@@ -92,6 +94,7 @@ if not FP16_UNSUPPORTED:
         ("plain-adamw-client", ["AdamW", "not OnlineMergingAdamW"]),
         ("elastic-checkpoint", ["elastic_checkpoint"]),
         ("no-base", ["base"]),
+        ("nonfinite-skip", ["nonfinite='skip') under ZeRO", "nonfinite='raise' (default) or 'off'"]),
         pytest.param("stage0-fp16", ["FP16_UnfusedOptimizer", "ZeRO stage 1"], marks=pytest.mark.skipif(bool(FP16_UNSUPPORTED), reason=FP16_UNSUPPORTED)),
         ("stage0-bf16", ["FP16_UnfusedOptimizer", "ZeRO stage 1"]),
         ("install-after-load", ["before the first step", "reference="]),

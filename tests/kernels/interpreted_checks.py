@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 
 import torch
 
@@ -133,7 +134,64 @@ def cases() -> list[tuple]:
     ]
 
 
+def nonfinite_case(name: str, config: OnlineMergeConfig, nan_at: int, steps: int) -> dict:
+    """The fused kernel path with a NaN gradient at step ``nan_at``: 'raise' leaves params and state
+    bit-identical; 'skip' ends where a run that never saw that step ends."""
+    torch.manual_seed(0)
+    base = {k: torch.randn(s) * 0.02 for k, s in SHAPES.items()}
+    delta = {k: torch.randn(v.shape) * 1e-3 for k, v in base.items()}
+    gen = torch.Generator().manual_seed(1)
+    grads = [{k: (torch.randn(v.shape, generator=gen) + 1.0) * 1e-2 for k, v in base.items()} for _ in range(steps)]
+    grads[nan_at - 1]["w1"][5] = float("nan")
+
+    def build(nonfinite: str):
+        params = {k: torch.nn.Parameter(v.clone()) for k, v in base.items()}
+        opt = FusedOnlineMergingAdamW(list(params.items()), lr=1e-3, merge=config, nonfinite=nonfinite, backend="triton")
+        opt.set_reference_delta(delta=delta)
+        return params, opt
+
+    def run(params, opt, which):
+        for t in which:
+            for k, p in params.items():
+                p.grad = grads[t - 1][k].clone()
+            opt.step()
+
+    def snapshot(params, opt):
+        return [p.detach().clone() for p in params.values()] + [
+            v.clone() for p in params.values() for v in opt.state[p].values() if torch.is_tensor(v)
+        ]
+
+    problems = []
+    params, opt = build("raise")
+    run(params, opt, range(1, nan_at))
+    before = snapshot(params, opt)
+    try:
+        run(params, opt, [nan_at])
+        problems.append("raise: no error")
+    except FloatingPointError as error:
+        if "'w1' has 1 NaN/Inf" not in str(error):
+            problems.append(f"raise: {error}")
+    if not all(torch.equal(a, b) for a, b in zip(before, snapshot(params, opt))):
+        problems.append("raise: state changed")
+    skipped, skipping = build("skip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run(skipped, skipping, range(1, steps + 1))
+    clean, cleaning = build("skip")
+    run(clean, cleaning, [t for t in range(1, steps + 1) if t != nan_at])
+    if skipping.skipped_steps != 1:
+        problems.append(f"skip: skipped_steps={skipping.skipped_steps}")
+    if not all(torch.equal(a, b) for a, b in zip(snapshot(skipped, skipping), snapshot(clean, cleaning))):
+        problems.append("skip: differs from the run without the step")
+    return {"case": name, "problems": problems, "counts": skipping.kernel_counts}
+
+
 def main(which: str) -> None:
+    if which == "nonfinite":
+        dare, ties = dict(method="dare", keep_rate=0.1, alpha=0.3), dict(method="ties", keep_rate=0.05, alpha=0.3)
+        for name, config in (("dare", OnlineMergeConfig(**dare)), ("ties-K2", OnlineMergeConfig(**ties, merge_every=2))):
+            print(json.dumps(nonfinite_case(name, config, nan_at=3, steps=5)), flush=True)
+        return
     if which == "cpu_sqrt":
         todo = [c for c in cases() if c[0] in ("dare-fp32", "ties-fp32", "ties-fp32-K3-weighted", "dare-bf16-K2")]
     else:

@@ -97,6 +97,20 @@ def test_against_unmodified_cpu_engine_within_bound(cpu_sqrt_results, case):
         assert diff < 1e-5 * LR, (step, tensor, what, count, ulps, diff)
 
 
+@pytest.fixture(scope="module")
+def nonfinite_results() -> dict[str, dict]:
+    return _run_checks("nonfinite")
+
+
+@pytest.mark.parametrize("case", ["dare", "ties-K2"])
+def test_kernel_path_refuses_or_skips_nonfinite_gradients(nonfinite_results, case):
+    """The gradient check is in the shared step(): with the kernel running (interpreter), a NaN
+    gradient is refused with nothing changed, or its step skipped exactly (step-K mid-cycle too)."""
+    result = nonfinite_results[case]
+    assert result["problems"] == [], result
+    assert result["counts"]["engine"] == 0 and result["counts"]["fused"] > 0, result["counts"]
+
+
 def test_falls_back_to_engine_on_cpu_without_interpreter():
     """backend='auto' on CPU tensors is the engine path: identical results, state keys and counts."""
     torch.manual_seed(0)

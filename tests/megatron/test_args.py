@@ -41,6 +41,15 @@ def test_flags_reach_the_merge_config() -> None:
     assert settings.reference_source().path == "/ckpt/base"
 
 
+def test_reference_clamp_flag() -> None:
+    """Default 'auto' follows the reference code per method; a number or 'none' overrides it."""
+    assert OnlineMergeSettings.from_args(parse()).reference_clamp == "auto"
+    assert OnlineMergeSettings.from_args(parse("--online-merge", "ties")).merge_config().resolved_reference_clamp is None
+    assert OnlineMergeSettings.from_args(parse("--online-merge", "dare")).merge_config().resolved_reference_clamp == 1.0
+    assert OnlineMergeSettings.from_args(parse("--online-merge-reference-clamp", "2.5")).reference_clamp == 2.5
+    assert OnlineMergeSettings.from_args(parse("--online-merge-reference-clamp", "AUTO")).reference_clamp == "auto"
+
+
 def test_bad_values_are_named() -> None:
     with pytest.raises(ValueError, match="keep_rate"):
         OnlineMergeSettings.from_args(parse("--online-merge", "dare", "--online-merge-keep-rate", "0"))

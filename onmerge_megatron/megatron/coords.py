@@ -56,17 +56,18 @@ def unwrap_model_chunk(chunk: Any) -> Any:
     return chunk
 
 
-def _iter_sharded_tensors(tree: Any) -> Iterator[Any]:
+def iter_sharded_tensors(tree: Any) -> Iterator[Any]:
+    """Every ShardedTensor of a (nested) sharded state dict, factories built."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     if isinstance(tree, dict):
         for value in tree.values():
-            yield from _iter_sharded_tensors(value)
+            yield from iter_sharded_tensors(value)
     elif isinstance(tree, (list, tuple)):
         for value in tree:
-            yield from _iter_sharded_tensors(value)
+            yield from iter_sharded_tensors(value)
     elif isinstance(tree, ShardedTensorFactory):
-        yield from _iter_sharded_tensors(tree.build())
+        yield from iter_sharded_tensors(tree.build())
     elif isinstance(tree, ShardedTensor):
         yield tree
 
@@ -101,7 +102,7 @@ def param_coords(model_chunks: Iterable[Any], params: Iterable[torch.Tensor] | N
     for chunk in model_chunks:
         model = unwrap_model_chunk(chunk)
         state = model.sharded_state_dict()
-        for sh in _iter_sharded_tensors(state):
+        for sh in iter_sharded_tensors(state):
             if sh.data is None or getattr(sh, "flattened_range", None) is not None:
                 continue
             lo, hi = _storage_span(sh.data)

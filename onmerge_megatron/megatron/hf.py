@@ -23,13 +23,15 @@ collective is used: every rank reads what its parameters need.
 
 from __future__ import annotations
 
+import glob
 import logging
+import os
 import re
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from .reference import BaseWeightsSource
+from .reference import BaseWeightsSource, differing_dims
 
 if TYPE_CHECKING:
     from .optimizer import OnlineMergingHandle
@@ -86,31 +88,99 @@ class HuggingFaceBase(BaseWeightsSource):
         from .coords import param_coords
 
         bridge = self.bridge()
-        coords = param_coords(handle.model_chunks, params)
-        reader = SafeTensorIO(bridge._get_actual_hf_path(self.path))
+        hf_dir = bridge._get_actual_hf_path(self.path)
+        reader = SafeTensorIO(hf_dir)
         if self.make_vocab_size_divisible_by is not None:
             bridge.make_vocab_size_divisible_by = self.make_vocab_size_divisible_by
             bridge.vocab_size = bridge.hf_config.vocab_size
             bridge.padded_vocab_size = _padded(bridge.vocab_size, self.make_vocab_size_divisible_by)
         else:
             bridge.make_vocab_size_divisible_by = None
+        # Everything is checked before the first weight is read (mbridge would read the first layers
+        # of a deeper base, or rows of a larger one, without complaint), for every parameter of the
+        # local model, not only those this rank steps, so that data-parallel ranks refuse alike.
+        self._check_config(bridge, handle.model_chunks)
+        coords = param_coords(handle.model_chunks)
+        shapes = _safetensors_shapes(hf_dir)
+        hf_names = {param: self._check_tensor(bridge, shapes, where) for param, where in coords.items()}
         for param in params:
             where = coords[param]
-            name = mcore_global_name(where.key)
-            try:
-                hf_names = bridge._weight_name_mapping_mcore_to_hf(name)
-            except NotImplementedError as exc:
-                raise ValueError(f"online merge: mbridge has no Hugging Face name for Megatron tensor {name!r}") from exc
-            hf_weights = [reader.load_one_hf_weight(n).to(torch.float32) for n in hf_names]
-            full = bridge._weight_to_mcore_format(name, hf_weights)
-            if tuple(full.shape) != where.global_shape:
-                raise ValueError(
-                    f"online merge: {name!r} is {tuple(full.shape)} in the Hugging Face base (after conversion) but "
-                    f"{where.global_shape} in the model (vocabulary padding? pass make_vocab_size_divisible_by)"
-                )
+            hf_weights = [reader.load_one_hf_weight(n).to(torch.float32) for n in hf_names[param]]
+            full = bridge._weight_to_mcore_format(mcore_global_name(where.key), hf_weights)
             local = where.shard().gather(full.contiguous()).view(param.shape)
             del full, hf_weights
             yield param, local
+
+    def _check_config(self, bridge: Any, model_chunks: list[Any]) -> None:
+        """Refuse a base whose config.json describes another architecture than the model's."""
+        from .coords import unwrap_model_chunk
+
+        model = unwrap_model_chunk(model_chunks[0])
+        config, hf = model.config, bridge.hf_config
+        heads = config.num_attention_heads
+        # (field of config.json, its value there, the model's field, its value in the model)
+        pairs = [
+            ("num_hidden_layers", hf.num_hidden_layers, "num_layers", config.num_layers),
+            ("hidden_size", hf.hidden_size, "hidden_size", config.hidden_size),
+            ("num_attention_heads", hf.num_attention_heads, "num_attention_heads", heads),
+            ("num_key_value_heads", getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+             "num_query_groups", config.num_query_groups or heads),
+        ]
+        if not getattr(config, "num_moe_experts", None):  # MoE models name their FFN sizes differently
+            pairs.append(("intermediate_size", getattr(hf, "intermediate_size", None), "ffn_hidden_size", config.ffn_hidden_size))
+        vocab, divisible_by = getattr(model, "vocab_size", None), self.make_vocab_size_divisible_by
+        if vocab is not None and divisible_by is None:
+            pairs.append(("vocab_size", hf.vocab_size, "vocab_size", vocab))
+        elif vocab is not None:
+            padded = _padded(hf.vocab_size, divisible_by)
+            pairs.append((f"vocab_size padded to a multiple of {divisible_by} x TP ({hf.vocab_size} ->)", padded, "vocab_size", vocab))
+        wrong = [f"{hf_field}={base} in its config.json, {field}={ours} in the model"
+                 for hf_field, base, field, ours in pairs if base is not None and base != ours]
+        if wrong:
+            hint = ""
+            if vocab is not None and divisible_by is None and vocab > hf.vocab_size:
+                hint = " (vocabulary padding? pass make_vocab_size_divisible_by)"
+            raise ValueError(f"online merge: the Hugging Face base {self.path} is not the model's architecture: {'; '.join(wrong)}{hint}")
+
+    def _check_tensor(self, bridge: Any, shapes: dict[str, tuple[int, ...]], where: Any) -> list[str]:
+        """The HF tensors making up one Megatron tensor, refused unless they convert to its shape
+        (checked on their safetensors headers: nothing is read)."""
+        name = mcore_global_name(where.key)
+        try:
+            hf_names = bridge._weight_name_mapping_mcore_to_hf(name)
+        except NotImplementedError as exc:
+            raise ValueError(f"online merge: mbridge has no Hugging Face name for Megatron tensor {name!r}") from exc
+        missing = [n for n in hf_names if n not in shapes]
+        if missing:
+            raise ValueError(f"online merge: the Hugging Face base {self.path} has no tensor {missing} (for Megatron tensor {name!r})")
+        given = ", ".join(f"{n} {shapes[n]}" for n in hf_names)
+        try:
+            full = bridge._weight_to_mcore_format(name, [torch.empty(shapes[n], device="meta") for n in hf_names])
+        except (RuntimeError, AssertionError, ValueError) as exc:
+            raise ValueError(
+                f"online merge: {name!r} cannot be built from {given} of the Hugging Face base {self.path} for the model's "
+                f"{where.global_shape} ({exc})"
+            ) from None
+        have, want = tuple(full.shape), tuple(where.global_shape)
+        if have != want:
+            vocab = name.endswith(("embedding.word_embeddings.weight", "output_layer.weight")) and have[1:] == want[1:]
+            raise ValueError(
+                f"online merge: {name!r} is {have} in the Hugging Face base {self.path} (from {given}) but {want} in the model "
+                f"({differing_dims(have, want)}" + ("; vocabulary padding? pass make_vocab_size_divisible_by)" if vocab else ")")
+            )
+        return hf_names
+
+
+def _safetensors_shapes(hf_dir: str) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a safetensors checkpoint, from the file headers."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors"))):
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
 
 
 def _padded(vocab_size: int, divisible_by: int) -> int:

@@ -222,8 +222,6 @@ def _replace_inner_optimizer(opt: Any, config: OnlineMergeConfig) -> Any:
     """An OnlineMergingAdamW over the inner optimizer's param groups (same dicts), state carried over."""
     OnlineMergingAdamW, _ = _engine()
     inner = opt.optimizer
-    if isinstance(inner, OnlineMergingAdamW):
-        raise RuntimeError("online merge: install_online_merging was already called on this optimizer")
     defaults = dict(inner.defaults)
     groups = inner.param_groups
     # The group dicts are kept (not copied): megatron's scheduler and checkpoint code hold and
@@ -239,6 +237,9 @@ def _replace_inner_optimizer(opt: Any, config: OnlineMergeConfig) -> Any:
         eps=defaults.get("eps", 1e-8),
         weight_decay=defaults.get("weight_decay", 0.0),
         merge=config,
+        # With a loss scaler megatron checks the gradients for inf/NaN itself, agreed over all ranks,
+        # and skips the inner step; otherwise the engine's own check stops a non-finite step.
+        nonfinite="off" if getattr(opt, "grad_scaler", None) is not None else "raise",
     )
     for group in groups:
         for key, value in new.defaults.items():
@@ -292,14 +293,20 @@ def install_online_merging(
             merge state (``checkpoint.attach_checkpointing``), so Megatron-LM checkpoints hold it.
 
     Call it after ``get_megatron_optimizer`` and before the first step or checkpoint load.
-    Raises ``OnlineMergeUnsupportedError`` naming any setting the merge cannot support.
+    Raises ``OnlineMergeUnsupportedError`` naming any setting the merge cannot support, and
+    ``ValueError`` for base weights of another shape; a refused call leaves the optimizer as it was.
     """
     if not isinstance(config, OnlineMergeConfig):
         raise TypeError(f"online merge: config must be an OnlineMergeConfig, got {type(config).__name__}")
+    OnlineMergingAdamW, Segment = _engine()
     chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     subs = [opt for opt in _sub_optimizers(megatron_optimizer) if not getattr(opt, "is_stub_optimizer", False)]
+    # Everything that can refuse runs before the first optimizer is changed, so that a refused
+    # call leaves the optimizer as it was and a corrected call can follow.
     for opt in subs:
         _check_supported(opt)
+        if isinstance(getattr(opt, "optimizer", None), OnlineMergingAdamW):
+            raise RuntimeError("online merge: install_online_merging was already called on this optimizer")
     if config.needs_reference and reference_delta_source is None:
         raise ValueError(
             f"online merge: method={config.method!r} with alpha={config.alpha} needs a reference delta "
@@ -307,31 +314,34 @@ def install_online_merging(
             f"FROM_CHECKPOINT when resuming from a checkpoint that holds the merge state"
         )
 
-    _, Segment = _engine()
     per_opt = [_main_shards(opt) for opt in subs]
     coords_by_param = param_coords(chunks, [model for shards in per_opt for _, model, _, _ in shards])
-
     handle = OnlineMergingHandle(config=config, megatron_optimizers=subs, inner_optimizers=[], model_chunks=chunks)
-    for opt, shards in zip(subs, per_opt):
-        inner = _replace_inner_optimizer(opt, config)
-        described = []
-        for main_param, model_param, start, end in shards:
-            shard = MainShard(main_param, model_param, start, end, coords_by_param[model_param])
-            group = _ties_tensor_group(opt, model_param, config)
-            inner.set_segments(main_param, [Segment(shard.name, shard.coords, 0, group)])
-            described.append(shard)
-        handle.inner_optimizers.append(inner)
-        handle.shards.append(described)
-
+    handle.shards = [
+        [MainShard(main, model, start, end, coords_by_param[model]) for main, model, start, end in shards] for shards in per_opt
+    ]
+    segments = [
+        [Segment(shard.name, shard.coords, 0, _ties_tensor_group(opt, shard.model_param, config)) for shard in shards]
+        for opt, shards in zip(subs, handle.shards)
+    ]
     from_checkpoint = isinstance(reference_delta_source, str) and reference_delta_source == FROM_CHECKPOINT
-    if config.needs_reference and not from_checkpoint:
-        from .reference import build_reference_deltas
+    delta_fns = None
+    if config.needs_reference and not from_checkpoint and not defer_reference:
+        from .reference import reference_delta_fns
 
-        if defer_reference:
-            handle.pending_reference = reference_delta_source
-            _build_reference_at_first_step(handle, megatron_optimizer, progress)
-        else:
-            build_reference_deltas(handle, reference_delta_source, progress=progress)
+        delta_fns = reference_delta_fns(handle, reference_delta_source, progress=progress)
+
+    for opt, shards, segs in zip(subs, handle.shards, segments):
+        inner = _replace_inner_optimizer(opt, config)
+        for shard, segment in zip(shards, segs):
+            inner.set_segments(shard.main_param, [segment])
+        handle.inner_optimizers.append(inner)
+    if delta_fns is not None:
+        for inner, delta_fn in zip(handle.inner_optimizers, delta_fns):
+            inner.set_reference_delta(delta_fn=delta_fn)
+    elif config.needs_reference and not from_checkpoint:
+        handle.pending_reference = reference_delta_source
+        _build_reference_at_first_step(handle, megatron_optimizer, progress)
     elif config.needs_reference:
         _require_reference_at_first_step(handle, megatron_optimizer)
     if checkpointing:

@@ -9,6 +9,11 @@ Records
             TRL's KTO format.
 - sft:      {"prompt", "completion"}; preference pairs are also accepted (the chosen side is used).
 
+Files are UTF-8 JSONL (one object a line) or Parquet. A record that cannot be used (bad bytes,
+bad JSON, missing keys) is a DataError naming file and line, raised or skipped (`on_error`); a
+file without records is always an error. Empty answers and pairs whose chosen and rejected
+answers are the same text are kept but counted in DataStats, as likely data bugs.
+
 Tokenization and masking
 ------------------------
 The prompt is rendered with the tokenizer's chat template (generation prompt included); the
@@ -68,25 +73,48 @@ class DataStats:
     prompt_truncated: int = 0
     completion_truncated: int = 0
     skipped_reasons: list[str] = field(default_factory=list)
+    # Kept, but likely a data bug: the first few locations are in `suspicious_reasons`.
+    empty_answers: int = 0
+    """Records whose chosen, rejected or completion text is empty (or only whitespace)."""
+    identical_answers: int = 0
+    """Pairs whose chosen and rejected answers are the same text (no preference to learn)."""
+    suspicious_reasons: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- reading
 
 
 def read_records(path: str) -> Iterator[tuple[str, dict[str, Any] | DataError]]:
-    """Yield (location, record) for every record; unparseable lines yield a DataError."""
+    """Yield (location, record) for every record; unparseable lines yield a DataError. A file
+    without any record raises a DataError."""
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
-        for i, row in enumerate(table.to_pylist()):
+        rows = pq.read_table(path).to_pylist()
+        if not rows:
+            raise DataError(f"{path}: no records (the Parquet file has no rows)")
+        for i, row in enumerate(rows):
             yield f"{path}:row {i + 1}", row
         return
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    found = False
+    offset = 0
+    # Bytes, decoded line by line: an undecodable line is then one malformed record.
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
+            start, offset = offset, offset + len(raw)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                found = True
+                yield where, DataError(
+                    f"{where}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}, "
+                    f"byte offset {start + exc.start} of the file: {exc.reason})"
+                )
+                continue
             if not line.strip():
                 continue
+            found = True
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -96,6 +124,8 @@ def read_records(path: str) -> Iterator[tuple[str, dict[str, Any] | DataError]]:
                 yield where, DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
                 continue
             yield where, record
+    if not found:
+        raise DataError(f"{path}: no records (the file is empty or holds only blank lines)")
 
 
 def _check_messages(value: Any, key: str, where: str) -> list[dict[str, str]]:
@@ -222,6 +252,7 @@ def load_examples(
                 if len(stats.skipped_reasons) < 20:
                     stats.skipped_reasons.append(str(exc))
                 continue
+            _count_suspicious(stats, where, answers, paired=fmt == "pairs" or (fmt == "sft" and "chosen" in record))
             if len(prompt_ids) > max_prompt_length:
                 prompt_ids = prompt_ids[-max_prompt_length:]
                 stats.prompt_truncated += 1
@@ -231,6 +262,17 @@ def load_examples(
                 completions = [c[:room] for c in completions]
             examples.append(Example(len(examples), prompt_ids, completions, label, where))
     return examples, stats
+
+
+def _count_suspicious(stats: DataStats, where: str, answers: list[str], paired: bool) -> None:
+    """Count (and keep the first locations of) legal records that are likely data bugs."""
+    keys = ("chosen", "rejected") if paired else ("completion",)
+    reasons = [f"{where}: empty '{key}'" for key, answer in zip(keys, answers) if not answer.strip()]
+    stats.empty_answers += bool(reasons)
+    if len(answers) == 2 and answers[0] == answers[1]:
+        stats.identical_answers += 1
+        reasons.append(f"{where}: 'chosen' and 'rejected' are the same answer")
+    stats.suspicious_reasons.extend(reasons[: max(0, 20 - len(stats.suspicious_reasons))])
 
 
 def split_holdout(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:

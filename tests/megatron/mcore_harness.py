@@ -68,10 +68,11 @@ def spawn(job: Callable[..., Any], world: int, tmp: Path, tp: int = 1, pp: int =
 
 
 # ---------------------------------------------------------------------------------------- model
-def transformer_config(tp: int, pp: int, bf16: bool = False) -> Any:
+def transformer_config(tp: int, pp: int, bf16: bool = False, **changes: Any) -> Any:
+    """The test model's config; ``changes`` (e.g. num_layers, ffn_hidden_size) make another shape."""
     from megatron.core.transformer import TransformerConfig
 
-    return TransformerConfig(
+    fields = dict(
         num_layers=NUM_LAYERS,
         hidden_size=16,
         num_attention_heads=4,
@@ -97,15 +98,16 @@ def transformer_config(tp: int, pp: int, bf16: bool = False) -> Any:
         persist_layer_norm=False,
         apply_rope_fusion=False,
     )
+    return TransformerConfig(**{**fields, **changes})
 
 
-def build_model(tp: int = 1, pp: int = 1, bf16: bool = False, tied: bool = False) -> Any:
+def build_model(tp: int = 1, pp: int = 1, bf16: bool = False, tied: bool = False, **changes: Any) -> Any:
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     return GPTModel(
-        config=transformer_config(tp, pp, bf16),
+        config=transformer_config(tp, pp, bf16, **changes),
         transformer_layer_spec=get_gpt_layer_local_spec(),
         vocab_size=VOCAB,
         max_sequence_length=SEQ,

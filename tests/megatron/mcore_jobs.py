@@ -441,3 +441,189 @@ def hf_reference_delta(rank: int, world: int, tp: int, pp: int, tmp: str) -> Non
         worst = max(worst, float((got - expected).abs().max()))
         count += 1
     torch.save({"worst": worst, "count": count, "progress": progress}, Path(tmp, f"hf_rank{rank}.pt"))
+
+
+# ------------------------------------------------------------------ faulty inputs (tests/faults)
+def _inner_snapshot(opt: Any) -> list[tuple[Any, list[dict], dict]]:
+    """Per sub-optimizer: its inner optimizer, copies of its param groups and of its state."""
+    out = []
+    for sub in getattr(opt, "chained_optimizers", [opt]):
+        inner = sub.optimizer
+        groups = [{k: list(v) if k == "params" else v for k, v in group.items()} for group in inner.param_groups]
+        state = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for p, s in inner.state.items()}
+        out.append((inner, groups, state))
+    return out
+
+
+def _changes(opt: Any, snapshot: list[tuple[Any, list[dict], dict]]) -> list[str]:
+    """How the optimizer differs from ``snapshot`` (empty: it is as it was)."""
+    changes = []
+    for sub, (inner, groups, state) in zip(getattr(opt, "chained_optimizers", [opt]), snapshot):
+        if sub.optimizer is not inner:
+            changes.append(f"inner optimizer is now a {type(sub.optimizer).__name__}")
+            continue
+        for group, saved in zip(inner.param_groups, groups):
+            if group.keys() != saved.keys():
+                changes.append(f"param group keys {sorted(group.keys() ^ saved.keys())}")
+            elif any(group[k] is not saved[k] and group[k] != saved[k] for k in group if k != "params"):
+                changes.append("param group values")
+            elif [id(p) for p in group["params"]] != [id(p) for p in saved["params"]]:
+                changes.append("param group params")
+        if inner.state.keys() != state.keys():
+            changes.append("state holds other params")
+        for param, saved in state.items():
+            now = inner.state.get(param, {})
+            if now.keys() != saved.keys() or any(not torch.equal(torch.as_tensor(now[k]), torch.as_tensor(v)) for k, v in saved.items()):
+                changes.append(f"state of a param of shape {tuple(param.shape)}")
+                break
+    return changes
+
+
+def refused_install(rank: int, world: int, tp: int, pp: int, tmp: str) -> None:
+    """Refused installs (OnTIES per-tensor scope at DP 2, base checkpoints of another shape) leave
+    the optimizer as it was; the corrected install then works. Results written by rank 0."""
+    from onmerge_megatron import OnlineMergeConfig
+    from onmerge_megatron.megatron import MegatronCheckpointBase, install_online_merging
+
+    for name, changes in (("base", {}), ("base_deeper", {"num_layers": h.NUM_LAYERS + 1}), ("base_wider_ffn", {"ffn_hidden_size": 32})):
+        h.save_model(h.build_model(tp, pp, **changes), Path(tmp, name))
+    model = h.build_model(tp, pp)
+    ddp = h.wrap_ddp(model, tp, pp)
+    opt = h.megatron_optimizer([ddp])
+    _train(ddp, opt, range(1))  # Adam moments exist
+    snapshot = _inner_snapshot(opt)
+    dare = merge_config("dare")
+    attempts = {
+        "ties_tensor_at_dp2": (OnlineMergeConfig(method="ties", keep_rate=0.3, alpha=0.3, ties_scope="tensor"), "base"),
+        "deeper_base": (dare, "base_deeper"),
+        "wider_ffn_base": (dare, "base_wider_ffn"),
+    }
+    results: dict[str, Any] = {}
+    for label, (config, base) in attempts.items():
+        try:
+            install_online_merging(opt, [ddp], config, MegatronCheckpointBase(str(Path(tmp, base))), progress=False)
+            message = None
+        except Exception as exc:  # the test checks type and message
+            message = f"{type(exc).__name__}: {exc}"
+        results[label] = (message, _changes(opt, snapshot))
+    handle = install_online_merging(opt, [ddp], dare, MegatronCheckpointBase(str(Path(tmp, "base"))), progress=False)
+    carried = all(
+        torch.equal(inner.state[p]["exp_avg"], saved[p]["exp_avg"])
+        for inner, (_, _, saved) in zip(handle.inner_optimizers, snapshot) for p in saved
+    )
+    _train(ddp, opt, range(1, 2))
+    results["retry"] = {
+        "inner": sorted({type(inner).__name__ for inner in handle.inner_optimizers}),
+        "moments_carried_over": carried,
+        "with_reference": all("reference_values" in inner.state[s.main_param] for inner, s in _pairs(handle)),
+    }
+    if rank == 0:
+        torch.save(results, Path(tmp, "refused_install.pt"))
+
+
+def _pairs(handle: Any) -> list[tuple[Any, Any]]:
+    return [(inner, shard) for inner, shards in zip(handle.inner_optimizers, handle.shards) for shard in shards]
+
+
+def megatron_base_delta(rank: int, world: int, tp: int, pp: int, tmp: str) -> None:
+    """The reference delta read by MegatronCheckpointBase from a base saved at TP=1, against
+    init - base as megatron's own reader gives the whole tensors, element for element."""
+    from onmerge_megatron import OnlineMergeConfig
+    from onmerge_megatron.megatron import MegatronCheckpointBase, install_online_merging
+
+    make_checkpoints(rank, world, 1, 1, tmp)
+    init, base = h.plain_tensors(Path(tmp, "init")), h.plain_tensors(Path(tmp, "base"))
+    model = h.build_model(tp, pp)
+    h.load_model(model, Path(tmp, "init"))
+    name_of = {param: name for name, param in model.named_parameters()}
+    ddp = h.wrap_ddp(model, tp, pp)
+    opt = h.megatron_optimizer([ddp])
+    # keep_rate 1, no clamp: the engine keeps the whole delta, unchanged.
+    config = OnlineMergeConfig(method="dare", keep_rate=1.0, alpha=0.5, reference_clamp=None)
+    handle = install_online_merging(opt, [ddp], config, MegatronCheckpointBase(str(Path(tmp, "base"))), progress=False)
+    worst, count = 0.0, 0
+    for inner, shard in _pairs(handle):
+        key, coords = h.checkpoint_name_and_coords(name_of[shard.model_param], shard.model_param)
+        checkpoint_key, _, layer = key.rstrip("]").partition("[")
+        full = init[checkpoint_key].float() - base[checkpoint_key].float()
+        expected = (full[int(layer)] if layer else full).reshape(-1)[shard.start : shard.end]
+        worst = max(worst, float((inner.state[shard.main_param]["reference_values"] - expected).abs().max()))
+        count += 1
+    torch.save({"worst": worst, "count": count}, Path(tmp, f"megatron_base_rank{rank}.pt"))
+
+
+def _trainer_model(hf_path: str) -> Any:
+    """The trainer's megatron model of an HF checkpoint, weights loaded by mbridge."""
+    from onmerge_megatron.training.model import build_model, load_hf_weights, make_bridge
+
+    bridge = make_bridge(hf_path, torch.float32)
+    model = build_model(bridge, 64)[0]
+    load_hf_weights(bridge, [model], hf_path)
+    return model
+
+
+# The trainer's model tensors that are HF tensors unchanged (no fusion, no TP split at TP 1).
+_HF_NAMES = {"embedding.word_embeddings.weight": "model.embed_tokens.weight", "output_layer.weight": "lm_head.weight",
+             "decoder.final_layernorm.weight": "model.norm.weight"}
+
+
+def converted_base_delta(rank: int, world: int, tp: int, pp: int, tmp: str, policy: str, base_hf: str, bases: list[str]) -> None:
+    """For each Megatron checkpoint in ``bases`` (``base_hf`` converted by ``onmerge convert-hf``):
+    the largest difference between the reference delta MegatronCheckpointBase reads into the
+    trainer's model of ``policy`` and (a) the policy minus ``base_hf`` loaded by mbridge into the
+    same model, (b) the difference of the HF tensors themselves where they are unchanged."""
+    from safetensors.torch import load_file
+
+    from onmerge_megatron import OnlineMergeConfig
+    from onmerge_megatron.megatron import MegatronCheckpointBase, install_online_merging
+
+    base_by_name = dict(_trainer_model(base_hf).named_parameters())
+    hf_delta = {name: load_file(Path(policy, "model.safetensors"))[hf] - load_file(Path(base_hf, "model.safetensors"))[hf]
+                for name, hf in _HF_NAMES.items()}
+    config = OnlineMergeConfig(method="dare", keep_rate=1.0, alpha=0.5, reference_clamp=None)
+    results = {}
+    for base in bases:
+        model = _trainer_model(policy)
+        name_of = {param: name for name, param in model.named_parameters()}
+        ddp = h.wrap_ddp(model, tp, pp)
+        opt = h.megatron_optimizer([ddp])
+        handle = install_online_merging(opt, [ddp], config, MegatronCheckpointBase(base), progress=False)
+        worst, worst_hf, count = 0.0, 0.0, 0
+        for inner, shard in _pairs(handle):
+            got = inner.state[shard.main_param]["reference_values"]
+            name = name_of[shard.model_param]
+            expected = shard.main_param.detach().reshape(-1) - base_by_name[name].detach().reshape(-1)[shard.start : shard.end]
+            worst = max(worst, float((got - expected).abs().max()))
+            if name in hf_delta:
+                worst_hf = max(worst_hf, float((got - hf_delta[name].reshape(-1)[shard.start : shard.end]).abs().max()))
+            count += 1
+        results[base] = {"worst": worst, "worst_hf": worst_hf, "count": count}
+    torch.save(results, Path(tmp, f"converted_rank{rank}.pt"))
+
+
+def hf_base_refusals(rank: int, world: int, tp: int, pp: int, tmp: str, policy: str, good: str, bad: dict[str, str]) -> None:
+    """Installs with Hugging Face bases of another shape (``bad``: label -> path): the message,
+    how many tensors were read (progress calls), how the optimizer changed; then ``good`` works."""
+    from onmerge_megatron import OnlineMergeConfig
+    from onmerge_megatron.megatron import install_online_merging
+    from onmerge_megatron.megatron.hf import HuggingFaceBase
+    from onmerge_megatron.training.model import make_bridge
+
+    model = _trainer_model(policy)
+    ddp = h.wrap_ddp(model, tp, pp)
+    opt = h.megatron_optimizer([ddp])
+    _train(ddp, opt, range(1))
+    snapshot = _inner_snapshot(opt)
+    config = OnlineMergeConfig(method="dare", keep_rate=0.5, alpha=0.3, seed=7)
+    results: dict[str, Any] = {}
+    for label, path in {**bad, "good": good}.items():
+        read: list[str] = []
+        source = HuggingFaceBase(path, bridge=make_bridge(path, torch.float32))
+        try:
+            install_online_merging(opt, [ddp], config, source, progress=lambda done, total, key, nbytes: read.append(key))
+            message = None
+        except Exception as exc:  # the test checks type and message
+            message = f"{type(exc).__name__}: {exc}"
+        results[label] = {"message": message, "read": len(read), "changes": _changes(opt, snapshot)}
+    _train(ddp, opt, range(1, 2))
+    torch.save(results, Path(tmp, f"hf_refusals_rank{rank}.pt"))

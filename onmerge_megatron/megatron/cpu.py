@@ -14,7 +14,7 @@ The CUDA-only spots, and what is done about each:
 3. DDP grad/param buffers are allocated on ``torch.cuda.current_device()``       -> proxy (a)
 4. ``MixedPrecisionOptimizer`` / ``FP32Optimizer`` create tensors with ``device='cuda'`` -> (a)
 5. the optimizers accept only ``param.type() == 'torch.cuda.*Tensor'``            -> (c)
-6. grad-norm / clipping helpers create tensors on 'cuda'                          -> proxy (a)
+6. grad-norm / clipping helpers and the loss scalers create tensors on 'cuda'    -> proxy (a)
 7. the async filesystem checkpoint writer calls ``torch.cuda.synchronize``        -> proxy (a)
 8. the ``fully_reshardable`` optimizer-state load copies every per-param state key from the
    checkpoint, which has no ``step`` (TE/apex FusedAdam keep it in ``param_groups``, torch AdamW,
@@ -71,6 +71,7 @@ _PROXIED_MODULES: tuple[str, ...] = (
     "megatron.core.optimizer.optimizer",
     "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     "megatron.core.dist_checkpointing.strategies.async_utils",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",

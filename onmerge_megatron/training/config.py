@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -112,6 +113,11 @@ class OptimConfig:
     """Linear warmup from 0 over this many steps; step s uses the schedule's value at s + 1."""
     lr_decay_style: Literal["cosine", "constant", "linear"] = "cosine"
     """Decay from lr to min_lr over run.train_steps (megatron's OptimizerParamScheduler)."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """A gradient with inf/NaN is caught before the update (weights and optimizer state unchanged); then
+    'stop' ends the run with an error, 'skip' skips the step (counted as skipped_steps in the metrics)."""
+    max_consecutive_skips: int = 10
+    """With nonfinite 'skip': stop after this many skipped steps in a row (the run is not recovering)."""
 
 
 @dataclass
@@ -163,6 +169,11 @@ class RunConfig:
     """Write the final weights in HF format to output_dir/hf."""
     save_final: bool = True
     """Save a checkpoint at the end of the run."""
+    keep_last: int = 0
+    """Keep only the newest this-many checkpoints (older ones are removed after each save); 0 keeps all."""
+    override_scheduler: bool = False
+    """On resume, rebuild the LR schedule from this config (optim.lr, min_lr, warmup_steps, lr_decay_style,
+    weight_decay, run.train_steps) instead of the checkpoint's (megatron's override_opt_param_scheduler)."""
     seed: int = 1234
     """Seed of the data order, held-out split and megatron's RNGs (merge masks use merge.online.seed)."""
     log_every: int = 1
@@ -211,6 +222,8 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}")
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
@@ -423,8 +436,23 @@ def validate(cfg: TrainConfig, world_size: int | None = None, check_paths: bool 
     if lo.reference == "online" and p.pipeline_parallel > 1:
         raise ConfigError("config key 'loss.reference' = 'online' needs parallel.pipeline_parallel = 1 "
                           "(the frozen reference runs beside the last stage); use 'cached'")
-    if cfg.optim.lr <= 0 or cfg.optim.min_lr < 0 or cfg.optim.min_lr > cfg.optim.lr:
-        raise ConfigError(f"config keys 'optim.lr'/'optim.min_lr': need 0 <= min_lr <= lr, lr > 0")
+    o = cfg.optim
+    if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
+        raise ConfigError(f"config keys 'optim.lr'/'optim.min_lr': need 0 <= min_lr <= lr and lr > 0, got lr={o.lr}, min_lr={o.min_lr}")
+    for key, value in (("optim.adam_beta1", o.adam_beta1), ("optim.adam_beta2", o.adam_beta2)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"config key '{key}' must be in [0, 1), got {value}")
+    if o.adam_eps <= 0:
+        # 0 makes Adam's update 0/0 = NaN wherever a gradient has been 0 so far (e.g. unused embedding rows).
+        raise ConfigError(f"config key 'optim.adam_eps' must be > 0, got {o.adam_eps}")
+    for key, value in (("optim.weight_decay", o.weight_decay), ("optim.clip_grad", o.clip_grad),
+                       ("loss.desirable_weight", lo.desirable_weight), ("loss.undesirable_weight", lo.undesirable_weight),
+                       ("run.eval_every", r.eval_every), ("run.eval_batches", r.eval_batches),
+                       ("run.save_every", r.save_every), ("run.keep_last", r.keep_last)):
+        if value < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
+    if o.max_consecutive_skips < 1:
+        raise ConfigError(f"config key 'optim.max_consecutive_skips' must be >= 1, got {o.max_consecutive_skips}")
     if r.stop_at_step < 0 or r.stop_at_step > r.train_steps:
         raise ConfigError(f"config key 'run.stop_at_step' must be in [0, run.train_steps], got {r.stop_at_step}")
     if cfg.optim.warmup_steps < 0 or (cfg.optim.warmup_steps and cfg.optim.warmup_steps >= r.train_steps):
@@ -465,8 +493,9 @@ def validate(cfg: TrainConfig, world_size: int | None = None, check_paths: bool 
 
 
 def dump_config(cfg: TrainConfig, path: str) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    from .checkpoints import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 # --------------------------------------------------------------------------- reference docs

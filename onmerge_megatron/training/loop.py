@@ -13,11 +13,13 @@ training; `loss.reference: online` runs a frozen reference model instead.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
 import math
 import os
+import shutil
 import time
 from functools import partial
 from typing import Any, Callable, Iterator, Sequence
@@ -25,6 +27,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from ..megatron.compat import checkpoint_results_queue_dies_with_process
+from ..processes import forked_children_die_with_parent
+from . import checkpoints as ckpt
 from .config import TrainConfig, dump_config, validate
 from .data import Batch, DataStats, Example, StepSampler, collate, eval_microbatches, load_examples, split_holdout
 from .losses import kto_kl_estimate, kto_loss, paired_loss, sft_loss
@@ -54,6 +59,8 @@ def init_distributed(cfg: TrainConfig) -> None:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    # Checkpoint writers die with this rank (see save_dist_checkpoint).
+    forked_children_die_with_parent()
     from megatron.core import parallel_state
 
     tp, pp, seed = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed
@@ -160,9 +167,23 @@ class Trainer:
         self.kind = {"kto": "unpaired", "sft": "sft"}.get(self.loss_type, "pairs")
         self.with_kl = self.loss_type == "kto" and cfg.loss.kto_kl
         self.out = cfg.run.output_dir
+        self.checkpoint_root = os.path.join(self.out, "checkpoints")
+        self.lock = self._lock_output_dir()
         if is_rank0():
-            os.makedirs(self.out, exist_ok=True)
             dump_config(cfg, os.path.join(self.out, "config.yaml"))
+        # Found (and verified) before anything is built: the merge setup depends on it.
+        if cfg.run.resume:
+            self.resume_from = ckpt.find_resume_checkpoint(self.checkpoint_root, log0)
+        else:
+            self.resume_from = None
+            existing = ckpt.published_steps(self.checkpoint_root)
+            if existing:
+                # Starting over would meet these at its own save steps, and a checkpoint is never rewritten.
+                raise ckpt.CheckpointError(
+                    f"run.resume is false but {self.checkpoint_root} holds checkpoints of an earlier run "
+                    f"({', '.join(os.path.basename(d) for _, d in existing[:3])}); choose a new run.output_dir or remove them")
+        self.skipped_steps = 0  # steps whose update was skipped for a non-finite gradient (optim.nonfinite)
+        self.consecutive_skips = 0
 
         # Data
         from transformers import AutoTokenizer
@@ -213,11 +234,28 @@ class Trainer:
                     chunk.requires_grad_(False)
 
         self.step = 0
-        self.metrics = MetricsLogger(self.out, cfg.run.train_steps, is_rank0(), cfg.run.tensorboard)
-        if cfg.run.resume:
-            self._maybe_resume()
+        if self.resume_from is not None:
+            self._resume(self.resume_from)
+        self.metrics = MetricsLogger(self.out, cfg.run.train_steps, is_rank0(), cfg.run.tensorboard,
+                                     resume_step=self.step if self.resume_from is not None else None)
 
     # ------------------------------------------------------------------ construction helpers
+
+    def _lock_output_dir(self) -> ckpt.RunLock:
+        """Rank 0 locks output_dir before anything is written there; every rank learns the
+        outcome, so a second launch on the same directory fails as a whole, naming the holder."""
+        lock = ckpt.RunLock(self.out)
+        error = None
+        if is_rank0():
+            try:
+                lock.acquire()
+            except ckpt.RunLockedError as exc:
+                error = str(exc)
+        verdict = [error]
+        dist.broadcast_object_list(verdict, src=0)
+        if verdict[0] is not None:
+            raise ckpt.RunLockedError(verdict[0])
+        return lock
 
     def _report_data(self, train_stats: DataStats, eval_stats: DataStats) -> None:
         for split, stats, n in (("train", train_stats, len(self.train_examples)), ("eval", eval_stats, len(self.eval_examples))):
@@ -226,6 +264,11 @@ class Trainer:
                      f"truncated prompts {stats.prompt_truncated}, completions {stats.completion_truncated}")
             for reason in stats.skipped_reasons[:5]:
                 log0(f"  skipped: {reason}")
+            if stats.empty_answers or stats.identical_answers:
+                log0(f"WARNING: data/{split}: {stats.empty_answers} record(s) with an empty answer, "
+                     f"{stats.identical_answers} pair(s) whose chosen and rejected answers are the same (kept)")
+                for reason in stats.suspicious_reasons[:5]:
+                    log0(f"  {reason}")
         if not self.eval_examples:
             log0("data/eval: no held-out examples (set data.eval_files or data.eval_fraction); evaluation is skipped")
 
@@ -234,11 +277,12 @@ class Trainer:
         if fmt == "hf":
             load_hf_weights(self.bridge, chunks, hf_path)
         else:
-            from megatron.core import dist_checkpointing
+            directory = open_checkpoint(megatron_load, "model weights")
+            with loading_errors_named(directory):
+                from megatron.core import dist_checkpointing
 
-            directory = resolve_checkpoint_dir(megatron_load)
-            state = dist_checkpointing.load({"model": chunks[0].sharded_state_dict()}, directory)
-            chunks[0].load_state_dict(state["model"], strict=True)
+                state = dist_checkpointing.load({"model": chunks[0].sharded_state_dict()}, directory)
+                chunks[0].load_state_dict(state["model"], strict=True)
         return chunks
 
     def _wrap_ddp(self, chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
@@ -249,7 +293,9 @@ class Trainer:
             overlap_grad_reduce=False,
             overlap_param_gather=False,
             use_distributed_optimizer=True,
-            check_for_nan_in_grad=True,
+            # Non-finite gradients are caught by the optimizer's found-inf check (see
+            # _build_optimizer), which can skip a step; DDP's own check can only abort.
+            check_for_nan_in_grad=False,
         )
         if self.cfg.model.dtype == "bf16":
             from megatron.core.transformer.module import Float16Module
@@ -268,10 +314,14 @@ class Trainer:
 
         o, r = self.cfg.optim, self.cfg.run
         bf16 = self.cfg.model.dtype == "bf16"
+        # A constant loss scale of 1 changes no value (x * 1.0 == x), but makes megatron check the
+        # main gradients for inf/NaN before every update, on the device, with one host sync,
+        # agreed over all ranks: a non-finite gradient then never reaches Adam's moments or the
+        # weights (the update itself is finite whenever the gradient is, since adam_eps > 0).
         opt_config = OptimizerConfig(
             optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
             adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=bf16,
-            params_dtype=torch.bfloat16 if bf16 else torch.float32, use_distributed_optimizer=True,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32, use_distributed_optimizer=True, loss_scale=1.0,
         )
         optimizer = get_megatron_optimizer(opt_config, self.model)
         self.model[0].config.grad_scale_func = optimizer.scale_loss
@@ -279,6 +329,7 @@ class Trainer:
             optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
             lr_decay_steps=r.train_steps, lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay,
             end_wd=o.weight_decay, wd_incr_steps=r.train_steps, wd_incr_style="constant",
+            override_opt_param_scheduler=r.override_scheduler, use_checkpoint_opt_param_scheduler=not r.override_scheduler,
         )
         return optimizer, scheduler
 
@@ -294,14 +345,14 @@ class Trainer:
         source = None
         if online.needs_reference:
             g = self.cfg.merge
-            if self.cfg.run.resume and self._latest_checkpoint() is not None:
+            if self.resume_from is not None:
                 source = FROM_CHECKPOINT
             elif g.base_hf_path:
                 from onmerge_megatron.megatron.hf import HuggingFaceBase
 
                 source = HuggingFaceBase(g.base_hf_path, bridge=make_bridge(g.base_hf_path, torch.float32))
             else:
-                source = MegatronCheckpointBase(resolve_checkpoint_dir(g.base_megatron_load))
+                source = MegatronCheckpointBase(open_checkpoint(g.base_megatron_load, "merge base"))
             where = "the checkpoint" if source == FROM_CHECKPOINT else (g.base_hf_path or g.base_megatron_load)
             log0(f"merge: reference delta = initial weights - base (from {where})")
         handle = install_online_merging(self.optimizer, self.model, online, reference_delta_source=source, progress=False)
@@ -427,15 +478,36 @@ class Trainer:
         self.scheduler.step(increment=1)
         local = self.run_microbatches(batches, forward_only=False)
         update_ok, grad_norm, _ = self.optimizer.step()
-        if not update_ok:
-            raise FloatingPointError(f"step {self.step + 1}: the optimizer skipped the update (inf/nan gradients)")
         self.step += 1
+        if not update_ok:
+            self._nonfinite_gradient()
+        else:
+            self.consecutive_skips = 0
         values = finalize_sums(self.loss_type, self.reduce_sums(local))
         values["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         values["lr"] = self.optimizer.param_groups[0]["lr"]
-        if self.merge is not None:
+        values["skipped_steps"] = self.skipped_steps
+        if self.merge is not None and update_ok:
             values.update(self.merge_stats())
         return values
+
+    def _nonfinite_gradient(self) -> None:
+        """The optimizer found inf/NaN in the gradients and left weights and state untouched
+        (every rank agrees). Skip the step, or stop, as optim.nonfinite says."""
+        o = self.cfg.optim
+        where = f"step {self.step}: a gradient holds inf/NaN; the update was not applied (weights and optimizer state are unchanged)"
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        if o.nonfinite == "stop":
+            raise FloatingPointError(
+                f"{where}. Stopping (optim.nonfinite=stop). The last checkpoint is "
+                f"{ckpt.read_latest(self.checkpoint_root) or 'none'}. Usual causes: a learning rate too high for "
+                f"the model, bad data, fp16/bf16 overflow; optim.nonfinite=skip skips such steps instead")
+        if self.consecutive_skips >= o.max_consecutive_skips:
+            raise FloatingPointError(
+                f"{where}. {self.consecutive_skips} consecutive steps skipped (optim.max_consecutive_skips="
+                f"{o.max_consecutive_skips}): the run is not recovering; stopping")
+        log0(f"WARNING: {where}; skipped ({self.skipped_steps} so far)")
 
     def merge_stats(self) -> dict[str, float]:
         """Engine statistics since the last step, reduced over all ranks (each merges its own shard):
@@ -510,8 +582,8 @@ class Trainer:
         seconds = time.time() - t0
         result = TrainResult(self.step, last, eval_first, eval_last, seconds, self.out)
         if is_rank0():
-            with open(os.path.join(self.out, "summary.json"), "w") as f:
-                json.dump(dataclasses.asdict(result), f, indent=1)
+            ckpt.atomic_write_text(os.path.join(self.out, "summary.json"), json.dumps(dataclasses.asdict(result), indent=1))
+        self.lock.release()
         return result
 
     # ------------------------------------------------------------------ checkpoints
@@ -557,52 +629,79 @@ class Trainer:
                     if state is not None and "step" in state:
                         state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
 
-    def save_checkpoint(self) -> str:
-        from megatron.core import dist_checkpointing
+    def check_weights_finite(self, what: str) -> None:
+        """Refuse to write weights holding inf/NaN (collective; one host sync, at save time only)."""
+        from onmerge_megatron.optim import nonfinite_flags
 
-        directory = os.path.join(self.out, "checkpoints", f"step_{self.step:07d}")
-        if is_rank0():
-            os.makedirs(directory, exist_ok=True)
-        dist.barrier()
+        named = [(name, p) for chunk in self.model for name, p in unwrap(chunk).named_parameters() if p.numel()]
+        flags = nonfinite_flags([p.detach() for _, p in named])
+        found = flags.any().to(self.dev, torch.float32).reshape(1)
+        dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        if found.item() > 0:
+            bad = [name for (name, _), flag in zip(named, flags.tolist()) if flag]
+            mine = f" (on this rank: {', '.join(bad[:3])})" if bad else ""
+            raise FloatingPointError(f"step {self.step}: the weights hold inf/NaN{mine}; refusing to write {what}")
+
+    def save_checkpoint(self) -> str:
+        """Write the checkpoint of this step, publish it whole, then point `latest` at it. An
+        existing checkpoint of the same step is never rewritten."""
+        final = os.path.join(self.checkpoint_root, ckpt.step_name(self.step))
+        if os.path.isdir(final):
+            log0(f"checkpoint {final} exists; not rewritten")
+            return final
+        self.check_weights_finite(f"checkpoint {final}")
         state = self._sharded_state(loading=False)
         state["scheduler"] = self.scheduler.state_dict()
-        state["trainer"] = {"step": self.step, "config": self.cfg.to_dict()}
-        dist_checkpointing.save(state, directory)
-        dist.barrier()
+        state["trainer"] = {"step": self.step, "config": self.cfg.to_dict(), "skipped_steps": self.skipped_steps}
+        save_dist_checkpoint(state, final, f"saving checkpoint {final}")
         if is_rank0():
-            with open(os.path.join(self.out, "checkpoints", "latest"), "w") as f:
-                f.write(os.path.basename(directory) + "\n")
-        log0(f"saved checkpoint {directory}")
-        return directory
+            ckpt.write_latest(self.checkpoint_root, final)
+            if self.cfg.run.keep_last:
+                for removed in ckpt.prune_checkpoints(self.checkpoint_root, self.cfg.run.keep_last, protect=final):
+                    log0(f"removed checkpoint {removed} (run.keep_last={self.cfg.run.keep_last})")
+        dist.barrier()
+        log0(f"saved checkpoint {final}")
+        return final
 
-    def _latest_checkpoint(self) -> str | None:
-        latest = os.path.join(self.out, "checkpoints", "latest")
-        if not os.path.isfile(latest):
-            return None
-        with open(latest) as f:
-            return os.path.join(self.out, "checkpoints", f.read().strip())
-
-    def _maybe_resume(self) -> None:
-        directory = self._latest_checkpoint()
-        if directory is None:
-            return
+    def _resume(self, directory: str) -> None:
         from megatron.core import dist_checkpointing
 
         self._init_optimizer_state_for_loading()
         state = self._sharded_state(loading=True)
         state["scheduler"] = self.scheduler.state_dict()
-        state["trainer"] = {"step": 0, "config": {}}
-        loaded = dist_checkpointing.load(state, directory)
-        with torch.no_grad():  # fp32 main params are views of the (grad-requiring) model params
-            unwrap(self.model[0]).load_state_dict(loaded["model"])
-            self.optimizer.load_state_dict(loaded["optimizer"])
-            self._restore_adam_steps()
-        self.scheduler.load_state_dict(loaded["scheduler"])
-        self.step = int(loaded["trainer"]["step"])
+        state["trainer"] = {"step": 0, "config": {}, "skipped_steps": 0}
+        with loading_errors_named(directory):
+            loaded = dist_checkpointing.load(state, directory)
+            with torch.no_grad():  # fp32 main params are views of the (grad-requiring) model params
+                unwrap(self.model[0]).load_state_dict(loaded["model"])
+                self.optimizer.load_state_dict(loaded["optimizer"])
+                self._restore_adam_steps()
+            self.scheduler.load_state_dict(loaded["scheduler"])
+            if self.cfg.run.override_scheduler:
+                # megatron's scheduler reads each param group's own max_lr/min_lr, which came back
+                # from the checkpoint with the groups.
+                for group in self.optimizer.param_groups:
+                    group.update({k: v for k, v in (("max_lr", self.cfg.optim.lr), ("min_lr", self.cfg.optim.min_lr)) if k in group})
+        trainer = loaded["trainer"]
+        self.step = int(trainer["step"])
+        self.skipped_steps = int(trainer.get("skipped_steps", 0))
         log0(f"resumed from {directory} at step {self.step}")
+        restored = restored_settings(loaded["scheduler"], self.optimizer.param_groups[0])
+        for line in resume_config_changes(trainer.get("config") or {}, self.cfg, restored):
+            log0(line)
 
     def export_hf(self, out_dir: str) -> None:
-        export_hf(self.bridge, [unwrap(c) for c in self.model], out_dir, self.tokenizer)
+        """Write the weights in HF format to `out_dir`, replacing it only once the export is whole."""
+        self.check_weights_finite(f"the export {out_dir}")
+        staging = out_dir + ckpt.PARTIAL_SUFFIX
+        if is_rank0() and os.path.exists(staging):
+            shutil.rmtree(staging)
+        dist.barrier()
+        export_hf(self.bridge, [unwrap(c) for c in self.model], staging, self.tokenizer)
+        dist.barrier()
+        if is_rank0():
+            ckpt.atomic_replace_dir(staging, out_dir)
+        dist.barrier()
         log0(f"exported HF weights to {out_dir}")
 
 
@@ -610,21 +709,114 @@ def format_metrics(values: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4f}" for k, v in values.items())
 
 
+def save_dist_checkpoint(state: dict[str, Any], final: str, what: str) -> None:
+    """dist_checkpointing.save of `state`, published at `final` whole or not at all (all ranks
+    call it, from the main thread). Its writer processes are watched (one that dies fails the
+    save) and, like their results server, die with the rank."""
+    from megatron.core import dist_checkpointing
+
+    checkpoint_results_queue_dies_with_process()  # before the first save, from this (main) thread
+    ckpt.publish_checkpoint(final, partial(dist_checkpointing.save, state), what)
+
+
 def resolve_checkpoint_dir(path: str) -> str:
     """A checkpoint directory, or a run/checkpoints directory whose `latest` file names one."""
     for candidate in (path, os.path.join(path, "checkpoints")):
-        latest = os.path.join(candidate, "latest")
-        if os.path.isfile(latest):
-            with open(latest) as f:
-                return os.path.join(candidate, f.read().strip())
+        latest = ckpt.read_latest(candidate)
+        if latest is not None:
+            return latest
     return path
+
+
+def open_checkpoint(path: str, what: str) -> str:
+    """Resolve `path` (see resolve_checkpoint_dir) and verify it against its manifest (collective)."""
+    directory = resolve_checkpoint_dir(path)
+    if not os.path.isdir(directory):
+        raise ckpt.CheckpointError(f"{what}: checkpoint directory {directory} does not exist")
+    ckpt.require_intact(directory, what, log0)
+    return directory
+
+
+@contextlib.contextmanager
+def loading_errors_named(directory: str) -> Iterator[None]:
+    """Any error while reading a checkpoint names the checkpoint and calls it damaged or
+    incompatible (torch and dist_checkpointing raise bare EOFError, unpickling errors, ...)."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # torch's CheckpointException is a BaseException
+        if type(exc).__module__.startswith("onmerge_megatron"):
+            raise  # our own errors already say what is wrong
+        raise ckpt.CheckpointError(
+            f"checkpoint {directory} could not be loaded: it is damaged, or it was written for another model or "
+            f"layout ({ckpt.brief(exc)})"
+        ) from exc
+
+
+# Keys whose new value a resumed run does not use, and why (besides the restored state below).
+_FROM_CHECKPOINT = {
+    "model.": "the weights come from the checkpoint",
+    "merge.base_": "the reference delta comes from the checkpoint",
+}
+# Keys that only steer this session.
+_SESSION_KEYS = ("run.stop_at_step", "run.resume", "run.override_scheduler")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def restored_settings(scheduler_state: dict[str, Any], adam_group: dict[str, Any]) -> dict[str, Any]:
+    """The config values a checkpoint imposes on a resume, as its state holds them: the LR schedule
+    (megatron's scheduler state) and Adam's hyper-parameters (the optimizer's param groups)."""
+    return {
+        "optim.lr": scheduler_state["max_lr"], "optim.min_lr": scheduler_state["min_lr"],
+        "optim.warmup_steps": scheduler_state["lr_warmup_steps"], "optim.lr_decay_style": scheduler_state["lr_decay_style"],
+        "optim.weight_decay": scheduler_state["start_wd"], "run.train_steps": scheduler_state["lr_decay_steps"],
+        "optim.adam_beta1": adam_group["betas"][0], "optim.adam_beta2": adam_group["betas"][1], "optim.adam_eps": adam_group["eps"],
+    }
+
+
+def resume_config_changes(saved: dict[str, Any], cfg: TrainConfig, restored: dict[str, Any]) -> list[str]:
+    """One line per setting that differs from what the checkpoint holds, saying whether it takes
+    effect. `restored`: what the checkpoint's state imposes (restored_settings); other keys are
+    compared with the config saved in the checkpoint."""
+    old, new = _flatten(saved), _flatten(cfg.to_dict())
+    lines = []
+    for key in sorted(set(old) | set(restored)):
+        was = restored.get(key, old.get(key))
+        now = new.get(key)
+        if key in _SESSION_KEYS or key not in new or was == now:
+            continue
+        change = f"{key}: {was!r} in the checkpoint, {now!r} now"
+        if key == "run.train_steps":
+            note = ("the run goes on to the new step count; the learning-rate decay "
+                    + ("is rebuilt to end there (run.override_scheduler=true)" if cfg.run.override_scheduler else
+                       "keeps the checkpoint's length: set run.override_scheduler=true to rebuild it"))
+        elif key.startswith("optim.adam_"):
+            note = "IGNORED: Adam's hyper-parameters are restored with its state"
+        elif key in restored:
+            note = ("applied (run.override_scheduler=true: the learning-rate schedule is rebuilt from the new values)"
+                    if cfg.run.override_scheduler else
+                    "IGNORED: the learning-rate schedule is restored from the checkpoint; set run.override_scheduler=true "
+                    "to apply the new value")
+        else:
+            reason = next((why for prefix, why in _FROM_CHECKPOINT.items() if key.startswith(prefix)), None)
+            note = f"IGNORED: {reason}" if reason else "applies from this step on"
+        lines.append(f"resume: {change} -> {note}")
+    return lines
 
 
 def convert_hf_to_megatron(hf_path: str, out_dir: str, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> str:
     """Save an HF model as a model-only dist checkpoint that `model.megatron_load`,
     `merge.base_megatron_load` and `loss.reference_megatron_load` read (all ranks call it)."""
-    from megatron.core import dist_checkpointing
-
     from .config import config_from_dict
 
     cfg = config_from_dict({"model": {"hf_path": hf_path}, "data": {"train_files": ["unused.jsonl"]},
@@ -634,11 +826,7 @@ def convert_hf_to_megatron(hf_path: str, out_dir: str, tensor_parallel: int = 1,
     bridge = make_bridge(hf_path, torch.float32)
     chunks = build_model(bridge, 1)
     load_hf_weights(bridge, chunks, hf_path)
-    if is_rank0():
-        os.makedirs(out_dir, exist_ok=True)
-    dist.barrier()
-    dist_checkpointing.save({"model": chunks[0].sharded_state_dict()}, out_dir)
-    dist.barrier()
+    save_dist_checkpoint({"model": chunks[0].sharded_state_dict()}, out_dir, f"converting {hf_path}")
     log0(f"saved {hf_path} as a megatron dist checkpoint in {out_dir}")
     return out_dir
 

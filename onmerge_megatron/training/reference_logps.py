@@ -21,18 +21,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 import torch.distributed as dist
 
+from .checkpoints import atomic_open, brief, file_sha256
 from .data import Example, eval_microbatches
 
 if TYPE_CHECKING:
     from .loop import Trainer
-
-
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fingerprint(trainer: "Trainer", split: str, files: Sequence[str], n_examples: int) -> str:
@@ -46,7 +39,7 @@ def fingerprint(trainer: "Trainer", split: str, files: Sequence[str], n_examples
                 st = os.stat(os.path.join(weights, name))
                 weight_files.append((name, st.st_size, int(st.st_mtime)))
     payload = {
-        "split": split, "files": [_file_digest(f) for f in files], "n": n_examples,
+        "split": split, "files": [file_sha256(f) for f in files], "n": n_examples,
         "weights": os.path.abspath(weights) if weights else None, "weight_files": weight_files,
         "tokenizer": os.path.abspath(m.tokenizer_path or m.hf_path), "format": d.format,
         "max_length": d.max_length, "max_prompt_length": d.max_prompt_length, "chat": d.use_chat_template,
@@ -99,7 +92,12 @@ def cached_reference_logps(trainer: "Trainer", split: str, examples: Sequence[Ex
     path = os.path.join(trainer.out, "reference_logps", f"{split}.pt")
     key = fingerprint(trainer, split, files, len(examples))
     if os.path.isfile(path):
-        stored = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a damaged cache is recomputed, never used
+            stored = {}
+            if dist.get_rank() == 0:
+                print(f"WARNING: reference log-probs ({split}): {path} is unreadable ({brief(exc)}); recomputing", flush=True)
         if stored.get("fingerprint") == key and stored["logps"].shape[0] == len(examples):
             if dist.get_rank() == 0:
                 print(f"reference log-probs ({split}): cached {path}", flush=True)
@@ -109,7 +107,7 @@ def cached_reference_logps(trainer: "Trainer", split: str, examples: Sequence[Ex
     table = compute_reference_logps(trainer, examples)
     if dist.get_rank() == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save({"fingerprint": key, "logps": table}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        with atomic_open(path, "wb") as f:
+            torch.save({"fingerprint": key, "logps": table}, f)
     dist.barrier()
     return table

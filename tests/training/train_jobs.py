@@ -13,23 +13,33 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 DATA = os.path.join(ROOT, "data", "tiny")
 
 
-def torchrun(nproc: int, args: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
+def torchrun_command(nproc: int, args: list[str]) -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args], env
+
+
+def torchrun(nproc: int, args: list[str], timeout: int = 400, check: bool = True) -> subprocess.CompletedProcess:
+    """Run under torchrun; with `check`, a non-zero exit fails the test with the output's tail."""
+    cmd, env = torchrun_command(nproc, args)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
 
 
-def train(nproc: int, config: dict, tmp_path, overrides: list[str] = (), timeout: int = 400) -> subprocess.CompletedProcess:
+def train_args(config: dict, tmp_path, overrides: list[str] = ()) -> list[str]:
     path = os.path.join(str(tmp_path), f"config_{abs(hash(json.dumps(config, sort_keys=True)))}.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(config, f)
     args = ["-m", "onmerge_megatron.training.cli", "train", "--config", path]
     for item in overrides:
         args += ["--set", item]
-    return torchrun(nproc, args, timeout)
+    return args
+
+
+def train(nproc: int, config: dict, tmp_path, overrides: list[str] = (), timeout: int = 400,
+          check: bool = True) -> subprocess.CompletedProcess:
+    return torchrun(nproc, train_args(config, tmp_path, overrides), timeout, check)
 
 
 def metrics(output_dir: str) -> list[dict]:

@@ -200,16 +200,23 @@ def delta_from_full(delta: Mapping[str, torch.Tensor]) -> DeltaFn:
 
 
 def nonfinite_flags(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """One bool per (non-empty, dense) tensor: does it hold a NaN or Inf? One fused max-|x| reduction
-    per device and dtype: NaN propagates through it and, unlike a sum of squares, it cannot overflow
-    on large finite values. The flags stay on the first tensor's device (no host synchronisation)."""
+    """One bool per (non-empty, dense) tensor: does it hold a NaN or Inf? Extremes are checked, not
+    a sum of squares, which would overflow on large finite values; NaN propagates through both.
+    On CUDA one fused max-|x| reduction per dtype (torch._foreach_norm); elsewhere each tensor's
+    min and max in one pass (torch.aminmax: 10x faster than _foreach_norm(inf) on CPU). The flags
+    stay on the first tensor's device (no host synchronisation)."""
+    device = tensors[0].device
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault((t.device, t.dtype), []).append(i)
     flags: list[torch.Tensor] = [None] * len(tensors)  # type: ignore[list-item]
-    for indices in groups.values():
-        norms = torch._foreach_norm([tensors[i] for i in indices], ord=math.inf)
-        group_flags = ~torch.isfinite(torch.stack(norms)).to(tensors[0].device)
+    for (group_device, _), indices in groups.items():
+        if group_device.type == "cuda":
+            norms = torch._foreach_norm([tensors[i] for i in indices], ord=math.inf)
+            group_flags = ~torch.isfinite(torch.stack(norms))
+        else:
+            group_flags = torch.stack([~torch.isfinite(torch.stack(torch.aminmax(tensors[i]))).all() for i in indices])
+        group_flags = group_flags.to(device)
         for j, i in enumerate(indices):
             flags[i] = group_flags[j]  # a view: put back in order without an indexing kernel
     return torch.stack(flags)

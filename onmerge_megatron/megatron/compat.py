@@ -26,9 +26,10 @@ def checkpoint_results_queue_dies_with_process() -> None:
         from megatron.core.dist_checkpointing.strategies import filesystem_async
     except ImportError:
         return
-    if getattr(filesystem_async, "_results_queue", "absent") is not None:
-        if not hasattr(filesystem_async, "_results_queue"):
-            logger.debug("megatron-core has no filesystem_async._results_queue; its writers' Manager is not bound to this process")
+    if not hasattr(filesystem_async, "_results_queue"):
+        logger.debug("megatron-core has no filesystem_async._results_queue; its writers' Manager is not bound to this process")
+        return
+    if filesystem_async._results_queue is not None:  # already started (here, or by an earlier save)
         return
     manager = SyncManager(ctx=mp.get_context("spawn"))
     manager.start(initializer=die_with_parent)

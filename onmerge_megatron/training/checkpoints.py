@@ -138,9 +138,9 @@ def _gather(obj: Any) -> list[Any]:
     return out
 
 
-def write_manifest(directory: str) -> dict[str, Any]:
+def write_manifest(directory: str) -> None:
     """Hash every file of a complete checkpoint (collective: ranks share the files) and write
-    ``manifest.json`` (rank 0). Returns the manifest."""
+    ``manifest.json`` (rank 0)."""
     rank, world = _distributed()
     files = _relative_files(directory)
     mine = {rel: {"bytes": os.path.getsize(os.path.join(directory, rel)), "sha256": file_sha256(os.path.join(directory, rel))}
@@ -151,7 +151,6 @@ def write_manifest(directory: str) -> dict[str, Any]:
     manifest = {"format": 1, "files": dict(sorted(entries.items()))}
     if rank == 0:
         atomic_write_text(os.path.join(directory, MANIFEST), json.dumps(manifest, indent=1) + "\n")
-    return manifest
 
 
 def verify_checkpoint(directory: str) -> list[str] | None:

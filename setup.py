@@ -23,6 +23,7 @@ setup(
             "psutil",  # dist_checkpointing needs it; megatron-core does not declare it
             "tensorboard",
             "matplotlib",
+            "pydantic>=2",  # the trainer's YAML type checks (training/config.py)
         ],
         "deepspeed": ["deepspeed>=0.16", "transformers>=4.56.2,<5", "accelerate>=1.0", "trl>=1.0", "safetensors"],
         "kernels": ["triton>=3.0"],

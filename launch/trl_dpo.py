@@ -15,7 +15,6 @@ columns; --trainer kto unpairs it into KTO's prompt / completion / label form.
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from dataclasses import dataclass, field
@@ -45,7 +44,9 @@ def _cpu_gloo_state() -> None:
 
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" or "--deepspeed" in sys.argv:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda *args, **kwargs: None
+        from onmerge_megatron.deepspeed.compat import skip_shm_comm_op_build
+
+        skip_shm_comm_op_build()
     PartialState(backend="gloo", cpu=True)
 
 

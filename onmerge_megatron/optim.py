@@ -18,6 +18,7 @@ each piece with global coordinates, so masks and results do not depend on the la
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -26,15 +27,14 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 import torch
 import torch.distributed as dist
 
+from .merging import state as merge_state
 from .merging.config import MergeCheckpointError, OnlineMergeConfig, check_compatible
 from .merging.coords import ShardCoords
-from .merging.merger import MergeStats, merge_segment
-from .merging.reference import ReferenceDelta, reference_positions
-from .merging.sparsify import Exchange
-
-# Merge state restored exactly as saved by load_state_dict (no cast to the parameter's dtype).
-_EXACT_STATE = ("reference_values", "reference_positions", "reference_delta", "merge_accumulator", "weight_ema")
-_REFERENCE_STATE = ("reference_values", "reference_positions", "reference_delta")
+from .merging.merger import MergeHooks, MergeStats, is_merge_step, merge_segment
+from .merging.reference import ReferenceDelta
+from .merging.sources import DeltaFn, NameMap, delta_between, delta_from, prepare, weight_source
+from .merging.select import Piece, tensor_thresholds
+from .merging.sparsify import TensorTopK, top_k_count
 
 STATE_DICT_KEY = "online_merge"
 """Top-level key of `OnlineMergingAdamW.state_dict()` holding the merge config and skipped_steps
@@ -42,8 +42,24 @@ STATE_DICT_KEY = "online_merge"
 
 NonFinite = Literal["raise", "skip", "off"]
 
-DeltaFn = Callable[[str, ShardCoords], torch.Tensor]
-"""Returns a segment's reference delta (1-D, coords.numel elements) given its name and coordinates."""
+
+@dataclass(frozen=True, eq=False)
+class TensorGroup:
+    """The ranks holding pieces of some tensors, for OnTIES' top-k over each whole tensor
+    (ties_scope='tensor'): one batched select per merge step for all of them (`merging.select`).
+
+    Every rank of ``process_group`` holds an equal TensorGroup: the same tensors, in the same order,
+    including tensors it holds no piece of (a distributed optimizer's DP range may miss a tensor)."""
+
+    process_group: Any
+    numels: dict[str, int]
+    """Every tensor any rank of the group holds a piece of: name -> element count of the whole tensor."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_index", {name: i for i, name in enumerate(self.numels)})
+
+    def index(self, name: str) -> int:
+        return self._index[name]  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -53,8 +69,11 @@ class Segment:
     name: str
     coords: ShardCoords
     offset: int = 0
-    group: Any = None
-    """Process group of the ranks holding the other pieces of the tensor (ties_scope='tensor' only)."""
+    group: TensorGroup | None = None
+    """The ranks holding the other pieces of the tensor (ties_scope='tensor' only)."""
+    counted: bool = True
+    """False on a replica whose elements another rank of the group also holds and counts (a
+    TP-replicated tensor on TP rank > 0, a replicated DTensor on mesh rank > 0)."""
 
     @property
     def slice(self) -> slice:
@@ -70,13 +89,19 @@ class AdamUpdate:
     step_size: float
     bias_correction2_sqrt: float
     eps: float
-    scratch: torch.Tensor | None = None
-    """Reusable buffer of at least the segment's size for magnitude(): a fresh dense allocation
-    per tensor and step costs more in page faults than the arithmetic."""
+    scratch: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """Returns a reusable buffer at least the size of its argument, for magnitude(): a fresh dense
+    allocation per tensor and step costs more in page faults than the arithmetic. Asked for only
+    when magnitude() runs, so a step that never needs it (top-k candidates from a fused kernel)
+    allocates nothing."""
     _dense: torch.Tensor | None = None
 
     def _update(self, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return (m / (v.sqrt() / self.bias_correction2_sqrt + self.eps)) * (-self.step_size)
+
+    def evaluate(self) -> torch.Tensor:
+        """A fresh dense() (equal to it bit for bit), not kept."""
+        return self._update(self.exp_avg, self.exp_avg_sq)
 
     def at(self, positions: torch.Tensor) -> torch.Tensor:
         if self._dense is not None:
@@ -94,7 +119,7 @@ class AdamUpdate:
             return self._dense.abs()
         # |m / d * -s| == |m / d| * s exactly, so the magnitude is built in place in one buffer.
         n = self.exp_avg.numel()
-        out = self.scratch[:n] if self.scratch is not None else torch.empty_like(self.exp_avg)
+        out = self.scratch(self.exp_avg)[:n] if self.scratch is not None else torch.empty_like(self.exp_avg)
         torch.sqrt(self.exp_avg_sq, out=out).div_(self.bias_correction2_sqrt).add_(self.eps)
         return torch.div(self.exp_avg, out, out=out).abs_().mul_(self.step_size)
 
@@ -105,98 +130,29 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def default_segments(param: torch.Tensor, name: str) -> list[Segment]:
-    """One segment: the whole tensor, or for a DTensor (FSDP2) its local block of the global tensor."""
-    if hasattr(param, "device_mesh") and hasattr(param, "placements"):
+    """One segment: the whole tensor, or for a DTensor (FSDP2) its local block of the global tensor
+    (its group is filled in by the optimizer, which knows the other tensors on the mesh)."""
+    if _is_dtensor(param):
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
         local_shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
         coords = ShardCoords.block(tuple(param.shape), tuple(local_shape), tuple(offset))
-        group = param.device_mesh.get_group() if param.device_mesh.ndim == 1 else None
-        return [Segment(name, coords, 0, group)]
+        # Per-tensor OnTIES selects over a 1-D mesh (the optimizer adds the group); there a replica
+        # (Replicate placement) is counted by mesh rank 0 alone.
+        replicated = param.device_mesh.ndim == 1 and param.placements[0].is_replicate()
+        return [Segment(name, coords, 0, None, counted=not replicated or param.device_mesh.get_local_rank() == 0)]
     return [Segment(name, ShardCoords.full(tuple(param.shape)))]
 
 
-def _used_merge_state(config: OnlineMergeConfig) -> set[str]:
-    """The merge state keys a config reads."""
-    used = set(_REFERENCE_STATE) if config.needs_reference else set()
-    if config.merges and config.merge_every > 1:
-        used.add("merge_accumulator")
-    if config.weight_ema > 0:
-        used.add("weight_ema")
-    return used
+def _is_dtensor(param: torch.Tensor) -> bool:
+    return hasattr(param, "device_mesh") and hasattr(param, "placements")
 
 
-def all_gather_exchange(group: Any) -> Exchange:
-    """Gather variable-length (magnitude, index) candidate lists over a process group."""
-
-    def exchange(values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        world = dist.get_world_size(group)
-        count = torch.tensor([values.numel()], device=values.device)
-        counts = [torch.zeros_like(count) for _ in range(world)]
-        dist.all_gather(counts, count, group=group)
-        longest = int(max(counts))
-        padded_v = values.new_zeros(longest)
-        padded_v[: values.numel()] = values
-        padded_i = indices.new_zeros(longest)
-        padded_i[: indices.numel()] = indices
-        all_v = [torch.empty_like(padded_v) for _ in range(world)]
-        all_i = [torch.empty_like(padded_i) for _ in range(world)]
-        dist.all_gather(all_v, padded_v, group=group)
-        dist.all_gather(all_i, padded_i, group=group)
-        return (
-            torch.cat([v[: int(c)] for v, c in zip(all_v, counts)]),
-            torch.cat([i[: int(c)] for i, c in zip(all_i, counts)]),
-        )
-
-    return exchange
-
-
-def _as_mapping(source: Any, what: str) -> Mapping[str, torch.Tensor]:
-    if source is None:
-        raise ValueError(f"set_reference_delta: {what} is required")
-    if isinstance(source, torch.nn.Module):
-        return dict(source.state_dict(keep_vars=False))
-    if isinstance(source, Mapping):
-        return source
-    raise TypeError(f"set_reference_delta: {what} must be a module or a state dict, got {type(source).__name__}")
-
-
-def _lookup(mapping: Mapping[str, torch.Tensor], name: str, what: str) -> torch.Tensor:
-    if name in mapping:
-        return mapping[name]
-    # DDP and torch.compile wrap modules; accept the unwrapped names too.
-    for prefix in ("module.", "_orig_mod."):
-        if name.startswith(prefix) and name[len(prefix) :] in mapping:
-            return mapping[name[len(prefix) :]]
-    sample = ", ".join(sorted(mapping)[:5])
-    raise ValueError(f"set_reference_delta: parameter {name!r} has no entry in the {what} (it has {len(mapping)} keys, e.g. {sample})")
-
-
-def delta_from_models(reference: Any, base: Any) -> DeltaFn:
-    """Reference delta = reference - base, taken from modules or state dicts, checked name by name."""
-    reference_map, base_map = _as_mapping(reference, "reference"), _as_mapping(base, "base")
-
-    def delta_fn(name: str, coords: ShardCoords) -> torch.Tensor:
-        ref, base_t = _lookup(reference_map, name, "reference"), _lookup(base_map, name, "base")
-        if ref.shape != base_t.shape:
-            raise ValueError(f"set_reference_delta: {name!r} has shape {tuple(ref.shape)} in the reference but {tuple(base_t.shape)} in the base")
-        if ref.dtype != base_t.dtype:
-            raise ValueError(f"set_reference_delta: {name!r} has dtype {ref.dtype} in the reference but {base_t.dtype} in the base")
-        return delta_from_full({name: ref.float() - base_t.float()})(name, coords)
-
-    return delta_fn
-
-
-def delta_from_full(delta: Mapping[str, torch.Tensor]) -> DeltaFn:
-    """Segments' slices of precomputed full reference deltas."""
-
-    def delta_fn(name: str, coords: ShardCoords) -> torch.Tensor:
-        full = _lookup(delta, name, "reference delta")
-        if tuple(full.shape) != coords.global_shape:
-            raise ValueError(f"set_reference_delta: {name!r} has shape {tuple(full.shape)} in the delta, expected {coords.global_shape}")
-        return coords.gather(full.detach().cpu().float()).to(torch.float32)
-
-    return delta_fn
+def _collective_device(process_group: Any) -> torch.device:
+    """Where a group's reduced counts live: the CUDA device under NCCL, else the CPU."""
+    if dist.get_backend(process_group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def nonfinite_flags(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -220,6 +176,56 @@ def nonfinite_flags(tensors: list[torch.Tensor]) -> torch.Tensor:
         for j, i in enumerate(indices):
             flags[i] = group_flags[j]  # a view: put back in order without an indexing kernel
     return torch.stack(flags)
+
+
+@dataclass
+class _ParamStep:
+    """A parameter's step between its dense pass and its merge."""
+
+    param: torch.Tensor
+    data: torch.Tensor
+    state: dict[str, Any]
+    step: int
+    step_size: float
+    bias_correction2_sqrt: float
+    eps: float
+    hooks: list[MergeHooks] | None
+    updates: list[AdamUpdate] | None
+    """Per segment; None when nothing is merged."""
+
+
+class _HeldWeights:
+    """The weights an optimizer holds now, as a weight source read at its own segments."""
+
+    where = "the optimizer's current weights"
+
+    def __init__(self, optimizer: "OnlineMergingAdamW") -> None:
+        self._pieces: dict[tuple[str, ShardCoords], torch.Tensor] = {}
+        for param, _ in optimizer._names():
+            flat = _local(param).detach().reshape(-1)
+            for seg in optimizer.segments(param):
+                self._pieces[(seg.name, seg.coords)] = flat[seg.slice]
+        self._shapes = {name: coords.global_shape for name, coords in self._pieces}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def read(self, name: str, coords: ShardCoords) -> torch.Tensor:
+        return self._pieces[(name, coords)]
+
+
+def reduce_merge_stats(stats: MergeStats, group: Any = None) -> MergeStats:
+    """The sum of every rank's merge statistics over a process group (one small all-reduce)."""
+    fields = ("numel", "kept", "reference_kept", "merges", "sign_conflicts", "merged_sq", "update_sq")
+    values = torch.tensor([float(getattr(stats, f)) for f in fields], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        backend_device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+        values = values.to(backend_device)
+        dist.all_reduce(values, group=group)
+    total = MergeStats()
+    for name, value in zip(fields, values.tolist()):
+        setattr(total, name, int(value) if name in ("numel", "kept", "reference_kept", "merges") else value)
+    return total
 
 
 class OnlineMergingAdamW(torch.optim.Optimizer):
@@ -283,6 +289,8 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         """Steps skipped for a non-finite gradient (nonfinite='skip'); saved with the state."""
         self.track_update_norm = False
         self._segments: dict[torch.Tensor, list[Segment]] = {}
+        self._mesh_groups: dict[int, TensorGroup] = {}
+        self._declared_groups: list[TensorGroup] = []
         self._references: dict[torch.Tensor, list[ReferenceDelta]] = {}
         self._stats = MergeStats()
         self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -305,8 +313,28 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         """The segments of a parameter (default: the whole tensor under its own name)."""
         if param not in self._segments:
             name = dict((id(p), n) for p, n in self._names())[id(param)]
-            self._segments[param] = default_segments(param, name)
+            segments = default_segments(param, name)
+            if _is_dtensor(param) and param.device_mesh.ndim == 1:
+                group = self._mesh_group(param.device_mesh)
+                segments = [dataclasses.replace(seg, group=group) for seg in segments]
+            self._segments[param] = segments
         return self._segments[param]
+
+    def declare_tensor_group(self, group: TensorGroup) -> None:
+        """Take part in ``group``'s per-tensor select at every OnTIES merge even while holding no
+        piece of its tensors. Adapters declare every group they put in segments, in the same order
+        on every rank: a rank that holds nothing of a group must still join its collectives."""
+        if all(group is not g for g in self._declared_groups):
+            self._declared_groups.append(group)
+
+    def _mesh_group(self, mesh: Any) -> TensorGroup:
+        """One TensorGroup per 1-D device mesh, over this optimizer's DTensors on it (the same
+        parameters on every rank of an FSDP2 mesh)."""
+        key = id(mesh.get_group())
+        if key not in self._mesh_groups:
+            numels = {n: p.numel() for p, n in self._names() if _is_dtensor(p) and p.device_mesh.get_group() is mesh.get_group()}
+            self._mesh_groups[key] = TensorGroup(mesh.get_group(), numels)
+        return self._mesh_groups[key]
 
     def set_segments(self, param: torch.Tensor, segments: list[Segment]) -> None:
         """Declare which global elements each piece of ``param``'s flat view holds (sharding adapters)."""
@@ -327,83 +355,216 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         reference: Any = None,
         base: Any = None,
         *,
-        delta: Mapping[str, torch.Tensor] | None = None,
+        delta: Any = None,
         delta_fn: DeltaFn | None = None,
+        name_map: NameMap | None = None,
     ) -> None:
         """Give the optimizer the reference delta (SFT minus base), as exactly one of:
-        ``reference`` and ``base`` (modules or state dicts), ``delta`` (state dict of full deltas), or
-        ``delta_fn(name, coords)`` returning a segment's slice. Everything is checked before
-        anything is stored."""
-        given = [reference is not None or base is not None, delta is not None, delta_fn is not None]
-        if sum(given) != 1:
-            raise ValueError("set_reference_delta: pass reference= and base=, or delta=, or delta_fn=")
-        if given[0]:
-            delta_fn = delta_from_models(reference, base)
-        elif given[1]:
-            delta_fn = delta_from_full(delta)
+
+        - ``base``, and ``reference`` (the SFT weights) or, without it, the weights this optimizer
+          holds now (the caller's word that they are the SFT weights). Each a module, a state
+          dict, a safetensors file or model folder, or any `merging.sources.WeightSource`;
+        - ``delta``: full deltas, as any of the same kinds;
+        - ``delta_fn(name, coords)`` returning a segment's slice.
+
+        ``name_map`` translates parameter names to the sources' keys. Only each segment's elements
+        are read. Everything is checked before anything is stored."""
+        if sum([base is not None or reference is not None, delta is not None, delta_fn is not None]) != 1:
+            raise ValueError("set_reference_delta: pass base= (and reference=), or delta=, or delta_fn=")
+        if reference is not None and base is None:
+            raise ValueError("set_reference_delta: reference= needs base= (the delta is reference - base)")
+        if base is not None:
+            reference = _HeldWeights(self) if reference is None else weight_source(reference, "reference", name_map)
+            sources = [reference, weight_source(base, "base", name_map)]
+            delta_fn = delta_between(*sources)
+        elif delta is not None:
+            sources = [weight_source(delta, "reference delta", name_map)]
+            delta_fn = delta_from(sources[0])
+        else:
+            sources = []
+        requests = [(seg.name, seg.coords) for param, _ in self._names() for seg in self.segments(param)]
+        for source in sources:
+            prepare(source, requests)
         config = self.merge_config
+        deltas = {param: [delta_fn(seg.name, seg.coords) for seg in self.segments(param)] for param, _ in self._names()}
+        magnitudes = {(param, i): delta.reshape(-1).float().abs() for param, pieces in deltas.items() for i, delta in enumerate(pieces)}
+        top_k = self._tensor_top_k(lambda param, i: magnitudes[(param, i)])
         built: dict[torch.Tensor, list[ReferenceDelta]] = {}
-        for param, _ in self._names():
+        for param, pieces in deltas.items():
             # Built where the delta comes from, kept where the parameter lives (the merge indexes both).
             built[param] = [
-                ReferenceDelta.build(delta_fn(seg.name, seg.coords), config, seg.name, seg.coords, self._exchange(seg)).to(
-                    _local(param).device
-                )
-                for seg in self.segments(param)
+                ReferenceDelta.build(delta, config, seg.name, seg.coords, top_k.get((param, i)))
+                for i, (seg, delta) in enumerate(zip(self.segments(param), pieces))
             ]
         for param, refs in built.items():
-            state = self.state[param]
-            # A parameter may hold no segment at all (a ZeRO-3 sub-group that is padding on this rank).
-            empty = _local(param).new_zeros(0, dtype=torch.float32)
-            state["reference_values"] = torch.cat([empty] + [r.values for r in refs])
-            if config.method == "ties":
-                # Positions in the parameter's flat view; int32 unless a (ZeRO flat) tensor is that large.
-                dtype = torch.int32 if _local(param).numel() < 2**31 else torch.int64
-                state["reference_positions"] = torch.cat(
-                    [empty.to(dtype)] + [r.positions.to(dtype) + seg.offset for r, seg in zip(refs, self.segments(param))]
-                )
-            if config.reference_mask == "resampled":
-                state["reference_delta"] = torch.cat([empty] + [r.dense for r in refs])
-        self._references = {}
+            self._store_references(param, refs)
+
+    def _store_references(self, param: torch.Tensor, references: list[ReferenceDelta]) -> None:
+        state = self.state[param]
+        for key in merge_state.REFERENCE_KEYS:
+            state.pop(key, None)
+        offsets = [seg.offset for seg in self.segments(param)]
+        state.update(merge_state.store_references(references, offsets, self.merge_config, _local(param)))
+        self._references.pop(param, None)
 
     def _reference_views(self, param: torch.Tensor) -> list[ReferenceDelta] | None:
-        """Per-segment views into the reference state (rebuilt after load_state_dict)."""
-        state = self.state[param]
-        if "reference_values" not in state:
-            return None
+        """Per-segment views into the reference state (rebuilt after the state is replaced)."""
         if param not in self._references:
-            config, refs, cursor = self.merge_config, [], 0
-            for seg in self.segments(param):
-                if "reference_delta" in state:
-                    refs.append(ReferenceDelta(values=state["reference_values"][:0], dense=state["reference_delta"][seg.slice]))
-                    continue
-                if "reference_positions" in state:
-                    pos = state["reference_positions"]
-                    inside = (pos >= seg.offset) & (pos < seg.offset + seg.coords.numel)
-                    count = int(inside.sum())
-                    refs.append(ReferenceDelta(values=state["reference_values"][cursor : cursor + count], positions=pos[cursor : cursor + count] - seg.offset))
-                else:
-                    count = reference_positions(config, seg.name, seg.coords, 0).numel()
-                    refs.append(ReferenceDelta(values=state["reference_values"][cursor : cursor + count]))
-                cursor += count
-            self._references[param] = refs
+            segments = [(seg.name, seg.coords, seg.offset) for seg in self.segments(param)]
+            views = merge_state.reference_views(self.state[param], segments, self.merge_config)
+            if views is None:
+                return None
+            self._references[param] = views
         return self._references[param]
 
-    def reference_state_changed(self, param: torch.Tensor | None = None) -> None:
-        """Call after writing the reference state keys of ``param`` (all when None) directly, as
-        checkpoint loaders do: the per-segment views into them are rebuilt at the next step."""
-        if param is None:
-            self._references = {}
-        else:
-            self._references.pop(param, None)
+    def missing_reference_delta(self) -> list[str]:
+        """Names of the tensors whose reference delta the config needs and the optimizer lacks."""
+        if not self.merge_config.needs_reference:
+            return []
+        return [self.segments(p)[0].name for p, _ in self._names() if merge_state.REFERENCE_VALUES not in self.state.get(p, {}) and self.segments(p)]
 
     def reference_nbytes(self) -> int:
         """Bytes held for the reference delta (all parameters)."""
-        keys = ("reference_values", "reference_positions", "reference_delta")
-        return sum(s[k].numel() * s[k].element_size() for s in self.state.values() for k in keys if k in s)
+        return sum(s[k].numel() * s[k].element_size() for s in self.state.values() for k in merge_state.REFERENCE_KEYS if k in s)
 
-    def _exchange(self, seg: Segment) -> Exchange | None:
-        return all_gather_exchange(seg.group) if seg.group is not None else None
+    def _tensor_top_k(self, magnitude: Callable[[torch.Tensor, int], torch.Tensor]) -> dict[tuple[torch.Tensor, int], TensorTopK]:
+        """OnTIES per tensor: each whole tensor's top-k threshold, for the segments (param, index)
+        that hold pieces of tensors over a TensorGroup, from ``magnitude(param, index)``. One
+        batched select per group (`merging.select`); groups are visited in the order they were
+        declared (`declare_tensor_group`), then of their first segment, the same on every rank.
+        Empty unless the config selects per tensor."""
+        config = self.merge_config
+        if config.method != "ties" or config.ties_scope != "tensor":
+            return {}
+        by_group: dict[int, tuple[TensorGroup, list[tuple[torch.Tensor, int, Segment]]]] = {}
+        for group in self._declared_groups:
+            by_group[id(group)] = (group, [])
+        for param, _ in self._names():
+            for i, seg in enumerate(self.segments(param)):
+                if seg.group is not None:
+                    by_group.setdefault(id(seg.group), (seg.group, []))[1].append((param, i, seg))
+        out: dict[tuple[torch.Tensor, int], TensorTopK] = {}
+        for group, members in by_group.values():
+            pieces = [
+                Piece(group.index(seg.name), lambda p=param, j=i: magnitude(p, j), seg.coords.global_index, seg.counted)
+                for param, i, seg in members
+            ]
+            numels = list(group.numels.values())
+            ks = [top_k_count(n, config.keep_rate) for n in numels]
+            device = _collective_device(group.process_group)
+            thresholds = tensor_thresholds(pieces, ks, numels, group.process_group, device=device)
+            for (param, i, seg), piece in zip(members, pieces):
+                out[(param, i)] = TensorTopK(thresholds[piece.tensor])
+        return out
+
+    # ---------------------------------------------------------------- merge state in global coordinates
+    def merge_state_keys(self) -> list[str]:
+        """Names of the dense vectors `export_merge_state` gives per segment (fixed for a config)."""
+        return merge_state.exported_keys(self.merge_config)
+
+    def export_merge_state(self, param: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """The merge state of each segment of ``param``: dense fp32 CPU vectors of the segment's
+        elements, one per `merge_state_keys()` name, for frameworks that save by global coordinates.
+        Before the first step the dense state is as the first step would create it."""
+        config, state = self.merge_config, self.state.get(param, {})
+        flat = _local(param).detach().reshape(-1)
+        fresh = merge_state.new_dense_state(config, flat)
+        references = self._reference_views(param) if config.needs_reference else None
+        if config.needs_reference and references is None:
+            raise MergeCheckpointError(f"online merge: no reference delta set for {self.segments(param)[0].name!r}; nothing to save")
+        pieces = []
+        for i, seg in enumerate(self.segments(param)):
+            piece = {}
+            for key in (merge_state.ACCUMULATOR, merge_state.WEIGHT_EMA):
+                if key in fresh:
+                    value = state[key] if key in state else fresh[key]
+                    piece[key] = value.detach().reshape(-1)[seg.slice].float().cpu()
+            if references is not None:
+                piece.update(merge_state.export_reference(references[i], config, seg.name, seg.coords))
+            pieces.append(piece)
+        return pieces
+
+    def import_merge_state(
+        self, param: torch.Tensor, pieces: list[Mapping[str, torch.Tensor]], step: int | None = None, reference: bool = True
+    ) -> None:
+        """Set ``param``'s merge state from `export_merge_state`-form vectors of each of its segments
+        (saved in any layout; the caller checked the saved config with `check_compatible`), and
+        Adam's step counter when given. Dense keys the pieces lack are left as they are. The
+        reference delta is rebuilt in this run's layout from the pieces, which must then hold it;
+        ``reference=False`` keeps the current one (formats that do not carry it)."""
+        config, state = self.merge_config, self.state[param]
+        segments = self.segments(param)
+        if len(pieces) != len(segments):
+            raise ValueError(f"import_merge_state: {len(pieces)} pieces for {len(segments)} segments")
+        like = _local(param)
+        for key in (merge_state.ACCUMULATOR, merge_state.WEIGHT_EMA):
+            if key in merge_state.used_keys(config) and all(key in piece for piece in pieces):
+                dense = state.get(key)
+                if dense is None:
+                    dense = merge_state.new_dense_state(config, like)[key]
+                for seg, piece in zip(segments, pieces):
+                    dense.view(-1)[seg.slice] = piece[key].to(device=dense.device, dtype=dense.dtype)
+                state[key] = dense
+        if config.needs_reference and reference:
+            self._store_references(
+                param, [merge_state.import_reference(piece, config, seg.name, seg.coords) for seg, piece in zip(segments, pieces)]
+            )
+        if step:
+            state["step"] = torch.tensor(float(step))
+
+    def complete_merge_state(self) -> None:
+        """Create the dense merge state the config asks for and a restored state lacks (the
+        accumulator, the EMA), for parameters that have stepped: a framework that restored only
+        Adam's keys leaves it to be created, and the engine creates it only at a first step."""
+        for param, _ in self._names():
+            state = self.state.get(param)
+            if state and "step" in state:
+                for key, value in merge_state.new_dense_state(self.merge_config, _local(param)).items():
+                    state.setdefault(key, value)
+
+    @contextlib.contextmanager
+    def adam_state_only(self, keep_placeholders: bool = False) -> Iterator[None]:
+        """Present only Adam's keys, as torch's AdamW would hold them, while a framework (de)serializes
+        the state with code that knows only those (megatron's distributed optimizer).
+
+        The merge keys are taken out and put back afterwards into whatever state dict then belongs
+        to the parameter (a load replaces them). A parameter that has not stepped gets a fresh Adam
+        state meanwhile (megatron reads a per-param step from every entry); ``keep_placeholders``
+        leaves those in place (a load has filled them)."""
+        stash: list[tuple[torch.Tensor, dict[str, Any]]] = []
+        placeholders: list[tuple[torch.Tensor, str, torch.Tensor]] = []
+        for param, state in list(self.state.items()):
+            extra = {k: state.pop(k) for k in list(state) if k not in merge_state.ADAM_KEYS}
+            if extra:
+                stash.append((param, extra))
+        for group in self.param_groups:
+            for param in group["params"]:
+                state = self.state[param]
+                if "step" in state:
+                    continue
+                for key, value in (("step", torch.tensor(0.0)), ("exp_avg", torch.zeros_like(param)), ("exp_avg_sq", torch.zeros_like(param))):
+                    if key not in state:
+                        state[key] = value
+                        placeholders.append((param, key, value))
+        try:
+            yield
+        finally:
+            for param, key, value in [] if keep_placeholders else placeholders:
+                state = self.state[param]
+                if state.get(key) is value:  # untouched: take it back out
+                    del state[key]
+            for param, extra in stash:
+                state = self.state[param]
+                for key, value in extra.items():
+                    state.setdefault(key, value)
+            self._references = {}
+
+    def steps_taken(self) -> int:
+        """Adam's step counter, which every parameter that has stepped shares (0 before the first)."""
+        steps = {int(s["step"]) for s in self.state.values() if "step" in s}
+        if len(steps) > 1:
+            raise MergeCheckpointError(f"online merge: params disagree on the step counter ({sorted(steps)})")
+        return steps.pop() if steps else 0
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -418,15 +579,16 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         states = state_dict["state"].values()
         if saved_config is not None:
             check_compatible(saved_config, self.merge_config)
-        elif any(key in s for s in states for key in _EXACT_STATE):
+        elif any(key in s for s in states for key in merge_state.MERGE_KEYS):
             warnings.warn(
                 "OnlineMergingAdamW.load_state_dict: the state holds merge state but no merge config (saved by an older "
                 "version, or by a wrapper that keeps only 'state' and 'param_groups'), so it cannot be checked against "
                 "this run's settings",
                 stacklevel=2,
             )
-        used = _used_merge_state(self.merge_config)
-        if "merge_accumulator" not in used and any(bool(s["merge_accumulator"].any()) for s in states if "merge_accumulator" in s):
+        used = merge_state.used_keys(self.merge_config)
+        accumulator = merge_state.ACCUMULATOR
+        if accumulator not in used and any(bool(s[accumulator].any()) for s in states if accumulator in s):
             saved_every = saved_config.merge_every if saved_config is not None else "unknown"
             raise MergeCheckpointError(
                 f"online merge: merge_every: {saved_every} saved, {self.merge_config.merge_every} now "
@@ -436,7 +598,7 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
             )
         # torch casts every state tensor to its parameter's dtype: integer positions would turn into
         # floats (exact only below 2^24) and fp32 merge state into bf16. Merge state is put back as saved.
-        exact = {pid: {k: v for k, v in s.items() if k in _EXACT_STATE} for pid, s in state_dict["state"].items()}
+        exact = {pid: {k: v for k, v in s.items() if k in merge_state.MERGE_KEYS} for pid, s in state_dict["state"].items()}
         super().load_state_dict(state_dict)
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
@@ -452,22 +614,31 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         self._references = {}
 
     # ---------------------------------------------------------------- stats and EMA
-    def merge_stats(self, reset: bool = True) -> dict[str, float]:
-        """Kept fraction, update norm before/after merging, sign-conflict rate since the last call."""
-        out = self._stats.as_dict()
+    def merge_sums(self, reset: bool = True) -> MergeStats:
+        """This process's merge statistics since the last call, as raw sums (counts, squared norms):
+        reduce them over ranks with `reduce_merge_stats`, then take ratios with ``as_dict()``."""
+        out = self._stats
         if reset:
             self._stats = MergeStats()
+        else:
+            out = MergeStats()
+            out.add(self._stats)
         return out
+
+    def merge_stats(self, reset: bool = True) -> dict[str, float]:
+        """Kept fraction, update norm before/after merging, sign-conflict rate since the last call
+        (this process's elements only; see `merge_sums` for statistics over ranks)."""
+        return self.merge_sums(reset).as_dict()
 
     @contextlib.contextmanager
     def weight_ema_applied(self) -> Iterator[None]:
         """Temporarily load the weight EMA (baseline option) into the parameters, e.g. to evaluate."""
         swapped = []
         for state_param, state in self.state.items():
-            if "weight_ema" in state:
+            if merge_state.WEIGHT_EMA in state:
                 local = _local(state_param).detach()
                 swapped.append((local, local.clone()))
-                local.copy_(state["weight_ema"])
+                local.copy_(state[merge_state.WEIGHT_EMA])
         try:
             yield
         finally:
@@ -483,14 +654,17 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
                 loss = closure()
         if self.nonfinite != "off" and self._nonfinite_step():
             return loss
-        config = self.merge_config
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                self._step_param(param, _local(param), _local(param.grad), group, lr, beta1, beta2, eps, weight_decay, config)
+        # Every parameter's dense pass, then every merge: OnTIES per tensor selects over all tensors
+        # at once between the two (each parameter's steps are the same either way).
+        begun = [
+            self._begin_param_step(param, _local(param), _local(param.grad), group, self.merge_config)
+            for group in self.param_groups
+            for param in group["params"]
+            if param.grad is not None
+        ]
+        tensor_top_k = self._step_tensor_top_k(begun)
+        for begun_step in begun:
+            self._merge_param(begun_step, tensor_top_k)
         return loss
 
     def _nonfinite_step(self) -> bool:
@@ -545,7 +719,7 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         """The parameter's state, created at its first step (checked for a reference delta first); merge
         state that the config asks for and a resumed state lacks is created too."""
         state = self.state[param]
-        if config.needs_reference and "reference_values" not in state:
+        if config.needs_reference and merge_state.REFERENCE_VALUES not in state:
             raise RuntimeError(
                 f"online merge: no reference delta for {self.segments(param)[0].name!r}; call set_reference_delta(...) "
                 "before the first step, or after loading a state saved without one (or use alpha=0 / method='none')"
@@ -555,56 +729,107 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(data, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(data, memory_format=torch.preserve_format)
         # Not only at the first step: a resume may turn step-K or the EMA on.
-        if config.merges and config.merge_every > 1 and "merge_accumulator" not in state:
-            state["merge_accumulator"] = torch.zeros_like(data, dtype=torch.float32)
-        if config.weight_ema > 0 and "weight_ema" not in state:
-            state["weight_ema"] = data.detach().clone()
+        for key, value in merge_state.new_dense_state(config, data).items():
+            state.setdefault(key, value)
         return state
 
-    def _step_param(self, param, data, grad, group, lr, beta1, beta2, eps, weight_decay, config) -> None:
+    def _begin_param_step(
+        self, param: torch.Tensor, data: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], config: OnlineMergeConfig
+    ) -> "_ParamStep":
+        """One parameter's step up to its merge: the step counter, then the dense pass (`_dense_pass`)."""
         if grad.is_sparse:
             raise RuntimeError("OnlineMergingAdamW does not support sparse gradients")
-        if group["maximize"]:
-            grad = -grad
         state = self._init_state(param, data, config)
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         state["step"] += 1
         step = int(state["step"].item())
-
-        # The same operations, in the same order, as torch.optim.AdamW's single-tensor path
-        # (multiplying by exactly 1.0 changes no bit, so that pass is skipped without weight decay).
-        if weight_decay != 0:
-            data.mul_(1 - lr * weight_decay)
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        beta1, beta2 = group["betas"]
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**step
-        step_size = lr / bias_correction1
+        step_size = group["lr"] / bias_correction1
         bias_correction2_sqrt = bias_correction2**0.5
+        hooks = self._dense_pass(param, data, grad, state, group, step, step_size, bias_correction2_sqrt, config)
+        updates = None
+        if config.merges:
+            m, v = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
+            scratch = self._scratch_for if config.method == "ties" else None
+            updates = [AdamUpdate(m[seg.slice], v[seg.slice], step_size, bias_correction2_sqrt, group["eps"], scratch) for seg in self.segments(param)]
+        return _ParamStep(param, data, state, step, step_size, bias_correction2_sqrt, group["eps"], hooks, updates)
 
+    def _step_tensor_top_k(self, begun: list["_ParamStep"]) -> dict[tuple[torch.Tensor, int], TensorTopK]:
+        """The per-tensor thresholds of this step's OnTIES merges (none on step-K's plain steps)."""
+        config = self.merge_config
+        if not any(b.updates and is_merge_step(config, b.step) for b in begun):
+            return {}
+        by_param = {b.param: b for b in begun}
+
+        def magnitude(param: torch.Tensor, i: int) -> torch.Tensor:
+            b = by_param.get(param)
+            if b is None or not b.updates:
+                return torch.zeros(0)  # no gradient: nothing to offer (the select names the gap)
+            update, accumulator = b.updates[i], b.state.get(merge_state.ACCUMULATOR)
+            if accumulator is None:
+                return update.magnitude()
+            # Step-K: the merged update includes the accumulated ones (as merge_segment's), built
+            # afresh per call so that no dense copy outlives it.
+            seg = self.segments(param)[i]
+            return update.evaluate().add_(accumulator.view(-1)[seg.slice]).abs_()
+
+        return self._tensor_top_k(magnitude)
+
+    def _merge_param(self, begun: "_ParamStep", tensor_top_k: dict[tuple[torch.Tensor, int], TensorTopK]) -> None:
+        """One parameter's merge of each segment (or the plain update), and the EMA."""
+        config, param, state, data = self.merge_config, begun.param, begun.state, begun.data
         if not config.merges:
-            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-            data.addcdiv_(exp_avg, denom, value=-step_size)
+            denom = (state["exp_avg_sq"].sqrt() / begun.bias_correction2_sqrt).add_(begun.eps)
+            data.addcdiv_(state["exp_avg"], denom, value=-begun.step_size)
         else:
-            flat, m, v = data.view(-1), exp_avg.view(-1), exp_avg_sq.view(-1)
-            accumulator = state.get("merge_accumulator")
+            flat = data.view(-1)
+            accumulator = state.get(merge_state.ACCUMULATOR)
             references = self._reference_views(param)
-            scratch = self._scratch_for(m) if config.method == "ties" else None
             for i, seg in enumerate(self.segments(param)):
-                update = AdamUpdate(m[seg.slice], v[seg.slice], step_size, bias_correction2_sqrt, eps, scratch)
                 self._stats.add(
                     merge_segment(
                         flat[seg.slice],
-                        update,
+                        begun.updates[i],
                         config,
                         seg.name,
                         seg.coords,
-                        step,
+                        begun.step,
                         reference=references[i] if references else None,
                         accumulator=accumulator.view(-1)[seg.slice] if accumulator is not None else None,
-                        exchange=self._exchange(seg),
+                        tensor_top_k=tensor_top_k.get((param, i)),
                         track_update_norm=self.track_update_norm,
+                        hooks=begun.hooks[i] if begun.hooks is not None else None,
                     )
                 )
-        if "weight_ema" in state:
-            state["weight_ema"].lerp_(data, config.weight_ema)
+        if merge_state.WEIGHT_EMA in state:
+            state[merge_state.WEIGHT_EMA].lerp_(data, config.weight_ema)
+
+    def _dense_pass(
+        self,
+        param: torch.Tensor,
+        data: torch.Tensor,
+        grad: torch.Tensor,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        step: int,
+        step_size: float,
+        bias_correction2_sqrt: float,
+        config: OnlineMergeConfig,
+    ) -> list[MergeHooks] | None:
+        """Weight decay and Adam's moments of one parameter (``data``, its local tensor), the same
+        operations in the same order as torch.optim.AdamW's single-tensor path (multiplying by
+        exactly 1.0 changes no bit, so that pass is skipped without weight decay).
+
+        The hook of fused implementations (kernels/adamw_merge.py): an override may do more in the
+        same pass over memory (this step's step-K part, top-k candidates) and returns one
+        `MergeHooks` per segment of the parameter, through which `merge_segment` lets it take over
+        the sparse parts. None: nothing taken over."""
+        if group["maximize"]:
+            grad = -grad
+        beta1, beta2 = group["betas"]
+        if group["weight_decay"] != 0:
+            data.mul_(1 - group["lr"] * group["weight_decay"])
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        return None

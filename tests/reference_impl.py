@@ -106,19 +106,3 @@ class Algorithm2:
             else:
                 cache.add_(dtheta)
                 flat.add_(dtheta)
-
-
-def in_process_exchange(pieces):
-    """An all-gather of top-k candidates simulated in one process: ``pieces`` is a list of
-    (magnitude, coords, k) of every rank; each offers its local top-k, as each rank would."""
-    from onmerge_megatron.merging.sparsify import top_k_positions
-
-    def exchange(values, indices):
-        gathered_v, gathered_i = [], []
-        for magnitude, coords, k in pieces:
-            local = top_k_positions(magnitude, k, coords.global_index)
-            gathered_v.append(magnitude[local])
-            gathered_i.append(coords.global_index(local))
-        return torch.cat(gathered_v), torch.cat(gathered_i)
-
-    return exchange

@@ -6,7 +6,10 @@ import torch
 from onmerge_megatron.merging import DenseUpdate, OnlineMergeConfig, ReferenceDelta, ShardCoords, merge_segment, rng
 from onmerge_megatron.merging.coords import Block
 
-from reference_impl import dare_mask, in_process_exchange, ties_consensus, top_k_mask
+from onmerge_megatron.merging.select import Piece, tensor_thresholds
+from onmerge_megatron.merging.sparsify import TensorTopK, top_k_count
+
+from reference_impl import dare_mask, ties_consensus, top_k_mask
 
 SHAPE = (300, 1000)
 NAME = "decoder.layers.0.mlp.linear_fc1.weight"
@@ -110,22 +113,25 @@ LAYOUTS = {
 }
 
 
-def sharded_step(config, layout, step=1, exchange_scope=False):
+def tensor_top_k(full, layout, keep_rate):
+    """The whole tensor's threshold from its pieces: the batched select with every piece in one
+    process (what the ranks' summed counts are)."""
+    pieces = [Piece(0, lambda c=coords: c.gather(full).abs().reshape(-1), coords.global_index) for coords in LAYOUTS[layout]]
+    numel = full.numel()
+    (threshold,) = tensor_thresholds(pieces, [top_k_count(numel, keep_rate)], [numel], all_reduce=lambda *a, **k: None)
+    return TensorTopK(threshold)
+
+
+def sharded_step(config, layout, step=1, per_tensor=False):
     param, update, delta = tensors()
     result = param.clone().view(-1)
-    k = int(param.numel() * config.keep_rate)
-    update_pieces = [(coords.gather(update).abs(), coords, k) for coords in LAYOUTS[layout]]
-    reference_pieces = [(coords.gather(delta).abs(), coords, k) for coords in LAYOUTS[layout]]
+    update_top_k = tensor_top_k(update, layout, config.keep_rate) if per_tensor else None
+    reference_top_k = tensor_top_k(delta, layout, config.keep_rate) if per_tensor else None
 
     for coords in LAYOUTS[layout]:
         shard = coords.gather(param).clone()
-        reference = ReferenceDelta.build(
-            coords.gather(delta), config, NAME, coords, in_process_exchange(reference_pieces) if exchange_scope else None
-        )
-        merge_segment(
-            shard, DenseUpdate(coords.gather(update)), config, NAME, coords, step, reference,
-            exchange=in_process_exchange(update_pieces) if exchange_scope else None,
-        )
+        reference = ReferenceDelta.build(coords.gather(delta), config, NAME, coords, reference_top_k)
+        merge_segment(shard, DenseUpdate(coords.gather(update)), config, NAME, coords, step, reference, tensor_top_k=update_top_k)
         result[coords.global_index(torch.arange(coords.numel))] = shard
     return result.view(SHAPE)
 
@@ -139,7 +145,7 @@ def test_ondare_shard_invariance_bitwise(layout):
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_onties_per_tensor_shard_invariance_bitwise(layout):
     config = OnlineMergeConfig(method="ties", keep_rate=0.01, alpha=0.2, ties_scope="tensor")
-    assert torch.equal(sharded_step(config, layout, exchange_scope=True), whole_step(config))
+    assert torch.equal(sharded_step(config, layout, per_tensor=True), whole_step(config))
 
 
 def test_onties_per_shard_is_top_p_of_each_piece():

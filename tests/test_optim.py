@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from onmerge_megatron import OnlineMergeConfig, OnlineMergingAdamW, Segment, ShardCoords
+from onmerge_megatron.optim import TensorGroup
 
 from distributed import run_distributed
 from reference_impl import Algorithm2
@@ -288,11 +289,12 @@ def _sharded_run(rank, world, config_dicts, steps):
     for config_dict in config_dicts:
         config = OnlineMergeConfig(**config_dict)
         full = make_params()
+        group = TensorGroup(dist.group.WORLD, {n: p.numel() for n, p in full.items()})
         shards, segments = {}, {}
         for n, p in full.items():
             a, b = _uneven_split(p.numel(), rank, world)
             shards[n] = torch.nn.Parameter(p.detach().reshape(-1)[a:b].clone())
-            segments[n] = [Segment(n, ShardCoords.flat_range(tuple(p.shape), a, b), 0, dist.group.WORLD)]
+            segments[n] = [Segment(n, ShardCoords.flat_range(tuple(p.shape), a, b), 0, group)]
         opt = OnlineMergingAdamW(list(shards.items()), lr=1e-2, weight_decay=0.05, merge=config)
         for n, s in shards.items():
             opt.set_segments(s, segments[n])
@@ -321,6 +323,7 @@ def _single_run(config, steps, split_segments):
 SHARDED_CASES = {
     "dare-K2": (OnlineMergeConfig(method="dare", keep_rate=0.1, alpha=0.3, merge_every=2), False),
     "ties-per-tensor": (OnlineMergeConfig(method="ties", keep_rate=0.1, alpha=0.3, ties_scope="tensor"), False),
+    "ties-per-tensor-K2": (OnlineMergeConfig(method="ties", keep_rate=0.1, alpha=0.3, ties_scope="tensor", merge_every=2), False),
     "ties-per-shard-K2": (OnlineMergeConfig(method="ties", keep_rate=0.1, alpha=0.3, ties_scope="shard", merge_every=2), True),
 }
 STEPS = 5
@@ -358,19 +361,20 @@ def test_parameter_without_segments_and_empty_segments():
 
 
 def _replicated_ties(rank, world):
-    """Every rank holds the whole tensor and exchanges with the others (a replicated DTensor)."""
+    """Every rank holds the whole tensor, rank 0 counts it (a replicated DTensor)."""
     config = OnlineMergeConfig(method="ties", keep_rate=0.1, alpha=0.3, ties_scope="tensor")
     params = make_params()
     opt = OnlineMergingAdamW(list(params.items()), lr=1e-2, weight_decay=0.05, merge=config)
+    group = TensorGroup(dist.group.WORLD, {n: p.numel() for n, p in params.items()})
     for n, p in params.items():
-        opt.set_segments(p, [Segment(n, ShardCoords.full(tuple(p.shape)), 0, dist.group.WORLD)])
+        opt.set_segments(p, [Segment(n, ShardCoords.full(tuple(p.shape)), 0, group, counted=rank == 0)])
     opt.set_reference_delta(delta=make_delta())
     run(opt, params, 3)
     return {n: p.detach() for n, p in params.items()}
 
 
 @pytest.mark.slow
-def test_replicas_exchanging_candidates_equal_single_process():
+def test_replicas_selecting_per_tensor_equal_single_process():
     results = run_distributed(_replicated_ties, 2)
     single = _single_run(OnlineMergeConfig(method="ties", keep_rate=0.1, alpha=0.3, ties_scope="tensor"), 3, False)
     for rank_result in results:

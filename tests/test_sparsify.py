@@ -6,9 +6,9 @@ import torch
 
 from onmerge_megatron.merging import consensus
 from onmerge_megatron.merging.coords import ShardCoords
-from onmerge_megatron.merging.sparsify import tensor_positions, top_k_count, top_k_positions
+from onmerge_megatron.merging.sparsify import top_k_count, top_k_positions
 
-from reference_impl import in_process_exchange, ties_consensus, top_k_mask
+from reference_impl import ties_consensus, top_k_mask
 
 
 def identity(pos):
@@ -67,22 +67,6 @@ def test_sampled_bracketing_is_exact_on_adversarial_inputs(make):
     assert torch.equal(kept_mask(n, positions), top_k_mask(magnitude, 0.01))
 
 
-@pytest.mark.parametrize("ties", [False, True])
-def test_per_tensor_threshold_over_pieces_equals_whole(ties):
-    shape = (64, 300)
-    whole = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-    if ties:
-        whole = whole.round()  # few distinct values: ties everywhere
-    layouts = [ShardCoords.block(shape, (64, 100), (0, c), a, b) for c in (0, 100, 200) for a, b in [(0, 3333), (3333, 6400)]]
-    k = top_k_count(whole.numel(), 0.05)
-    pieces = [(coords.gather(whole).abs(), coords, k) for coords in layouts]
-    kept = []
-    for magnitude, coords, _ in pieces:
-        local = tensor_positions(magnitude, k, coords.global_index, in_process_exchange(pieces))
-        kept.extend(coords.global_index(local).tolist())
-    assert sorted(kept) == torch.nonzero(top_k_mask(whole, 0.05)).squeeze(1).tolist()
-
-
 # Hand-computed consensus cases: (u, r, alpha, unweighted result, weighted result).
 CASES = [
     (2.0, 1.0, 0.5, 1.5, 1.5),  # agree: (1-a) u + a r either way
@@ -119,13 +103,3 @@ def test_sign_conflicts_counts_opposing_kept_pairs():
     u = torch.tensor([1.0, -1.0, 0.0, 2.0])
     r = torch.tensor([-1.0, -2.0, 5.0, -0.5])
     assert consensus.sign_conflicts(u, r) == 2
-
-
-def test_per_tensor_threshold_with_exactly_k_candidates():
-    """One piece holding the whole tensor offers exactly k candidates (replicas offer them twice)."""
-    magnitude = torch.randn(2000, generator=torch.Generator().manual_seed(4)).abs()
-    coords = ShardCoords.full((2000,))
-    expected = top_k_positions(magnitude, 200, identity)
-    for copies in (1, 2):
-        exchange = lambda v, i, c=copies: (v.repeat(c), i.repeat(c))  # noqa: E731
-        assert torch.equal(tensor_positions(magnitude, 200, coords.global_index, exchange), expected)

@@ -9,7 +9,7 @@ Importing this package does not import DeepSpeed or transformers. See docs/deeps
 
 from .checkpoint import add_merge_state_to_universal, load_checkpoint, load_universal_merge_state, to_universal
 from .hf import OnlineMergeArguments, OnlineMergeTrainerMixin, install_on_parameters, with_online_merge
-from .sources import WeightSource, weight_source
+from ..merging.sources import WeightSource, weight_source
 from .zero import FlatPartition, Fragment, UnsupportedDeepSpeedSetup, ZeroOnlineMerge, check_engine, flat_partitions, install_online_merging
 
 __all__ = [

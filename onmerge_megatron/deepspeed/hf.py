@@ -20,50 +20,80 @@ otherwise on the optimizer's own parameters (whole tensors, or FSDP2 DTensor sha
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from ..merging.config import OnlineMergeConfig
-from ..optim import OnlineMergingAdamW, _local
-from .checkpoint import load_universal_merge_state, resolve_tag
-from .sources import weight_source
+from ..merging.config import OnlineMergeConfig, union_from_text
+from ..optim import OnlineMergingAdamW
+from .checkpoint import load_universal_merge_state
+from .compat import loads_universal_checkpoint, resolve_tag
 from .zero import UnsupportedDeepSpeedSetup, ZeroOnlineMerge, install_online_merging
 
 
-@dataclass
-class OnlineMergeArguments:
-    """Merge settings as command-line arguments (usable with HfArgumentParser / TrlParser)."""
+_ENGINE_TYPES = typing.get_type_hints(OnlineMergeConfig)
 
-    merge_method: str = field(default="dare", metadata={"help": "dare (OnDARE), ties (OnTIES) or none (plain AdamW)"})
-    merge_keep_rate: float = field(default=0.01, metadata={"help": "p: fraction of each update kept"})
-    merge_alpha: float = field(default=1e-7, metadata={"help": "weight of the reference delta (SFT - base)"})
-    merge_every: int = field(default=1, metadata={"help": "K: merge every K optimizer steps (Algorithm 2)"})
-    merge_seed: int = field(default=0, metadata={"help": "key of the keep-masks"})
-    merge_ties_scope: str = field(default="shard", metadata={"help": "OnTIES top-p over each shard (shard) or whole tensor (tensor)"})
-    merge_options: str = field(default="{}", metadata={"help": "other OnlineMergeConfig fields as JSON, e.g. '{\"dare_rescale\": false}'"})
-    merge_base_model: str | None = field(default=None, metadata={"help": "local folder/file of the pre-trained (base) weights"})
-    merge_reference_model: str | None = field(
-        default=None, metadata={"help": "local folder/file of the SFT weights; default: the policy's weights at the first step"}
-    )
+
+def _argument_name(name: str) -> str:
+    """``merge_<field>``; ``merge_every`` stays ``merge_every``."""
+    return "merge_" + name.removeprefix("merge_")
+
+
+def _is_union(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
+
+
+def _argument_type(annotation: Any) -> Any:
+    # HfArgumentParser takes a union only as Optional[X]: a union of a number and words (reference_clamp)
+    # is read as text and converted in to_config.
+    return str if _is_union(annotation) else annotation
+
+
+def _from_text(annotation: Any, value: Any) -> Any:
+    """A union-typed setting given as text (see `merging.config.union_from_text`)."""
+    if not (_is_union(annotation) and isinstance(value, str)):
+        return value
+    try:
+        return union_from_text(annotation, value)
+    except ValueError:
+        return value  # the engine refuses it, naming the field and the value
+
+
+class _OnlineMergeArgumentsMethods:
+    """What OnlineMergeArguments does with its fields (the fields are generated below)."""
 
     def to_config(self) -> OnlineMergeConfig:
+        values = {f.name: _from_text(_ENGINE_TYPES[f.name], getattr(self, _argument_name(f.name))) for f in dataclasses.fields(OnlineMergeConfig)}
         extra = json.loads(self.merge_options) if isinstance(self.merge_options, str) else dict(self.merge_options)
-        return OnlineMergeConfig.from_dict(
-            dict(
-                method=self.merge_method,
-                keep_rate=self.merge_keep_rate,
-                alpha=self.merge_alpha,
-                merge_every=self.merge_every,
-                seed=self.merge_seed,
-                ties_scope=self.merge_ties_scope,
-                **extra,
-            ),
-            where="online merge arguments",
-        )
+        return OnlineMergeConfig.from_dict({**values, **extra}, where="online merge arguments")
+
+
+# Generated from OnlineMergeConfig's fields (type, front-end default, help), so that HfArgumentParser /
+# TrlParser offer --merge_<field> for every setting with the same defaults as the other front-ends.
+OnlineMergeArguments = dataclasses.make_dataclass(
+    "OnlineMergeArguments",
+    [
+        (_argument_name(f.name), _argument_type(_ENGINE_TYPES[f.name]),
+         field(default=f.metadata.get("front_end_default", f.default), metadata={"help": f.metadata["help"]}))
+        for f in dataclasses.fields(OnlineMergeConfig)
+    ]
+    + [
+        ("merge_options", str, field(default="{}", metadata={
+            "help": "OnlineMergeConfig fields as JSON, e.g. '{\"dare_rescale\": false}' (overrides the merge_* arguments)"})),
+        ("merge_base_model", str | None, field(default=None, metadata={"help": "local folder/file of the pre-trained (base) weights"})),
+        ("merge_reference_model", str | None, field(default=None, metadata={
+            "help": "local folder/file of the SFT weights; default: the policy's weights at the first step"})),
+    ],
+    bases=(_OnlineMergeArgumentsMethods,),
+    namespace={"__module__": __name__, "__doc__": "Merge settings as command-line arguments (usable with HfArgumentParser / "
+                                                  "TrlParser): merge_<field> for every OnlineMergeConfig field."},
+)
 
 
 def install_on_parameters(optimizer: OnlineMergingAdamW, base: Any = None, reference: Any = None) -> None:
@@ -72,9 +102,9 @@ def install_on_parameters(optimizer: OnlineMergingAdamW, base: Any = None, refer
     config = optimizer.merge_config
     if not config.needs_reference:
         return
-    states = [optimizer.state.get(p, {}) for group in optimizer.param_groups for p in group["params"]]
-    if reference is None and any("step" in s for s in states):
-        if all("reference_values" in s for s in states):
+    stepped = any("step" in optimizer.state.get(p, {}) for group in optimizer.param_groups for p in group["params"])
+    if reference is None and stepped:
+        if not optimizer.missing_reference_delta():
             return  # resumed: the checkpoint restored each parameter's reference delta
         raise ValueError(
             "online merge: the optimizer has already stepped, so the weights are no longer the SFT weights; "
@@ -82,33 +112,9 @@ def install_on_parameters(optimizer: OnlineMergingAdamW, base: Any = None, refer
         )
     if base is None:
         raise ValueError("online merge: alpha > 0 needs the base (pre-trained) weights (merge_base_model)")
-    base_source = weight_source(base, "base")
-    reference_source = weight_source(reference, "reference") if reference is not None else None
-    current = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            flat = _local(p).detach().reshape(-1)
-            for seg in optimizer.segments(p):
-                current[(seg.name, seg.coords)] = flat[seg.slice]
-
-    def full(source: Any, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        numel = 1
-        for s in shape:
-            numel *= s
-        return source.read(name, shape, 0, numel).reshape(shape)
-
-    def piece(source: Any, name: str, coords: Any) -> torch.Tensor:
-        if coords.is_contiguous:  # a flat range (whole tensors, row shards): read just that
-            lo, _ = coords.global_span()
-            return source.read(name, coords.global_shape, lo, lo + coords.numel)
-        return coords.gather(full(source, name, coords.global_shape))
-
-    def delta_fn(name: str, coords: Any) -> torch.Tensor:
-        mine = current[(name, coords)]
-        ref = piece(reference_source, name, coords) if reference_source is not None else mine.float().cpu()
-        return (ref - piece(base_source, name, coords)).to(mine.device)
-
-    optimizer.set_reference_delta(delta_fn=delta_fn)
+    # reference=None: tau is taken against the weights the optimizer holds now (the SFT weights
+    # before the first step; the engine refuses once it has stepped).
+    optimizer.set_reference_delta(reference=reference, base=base)
 
 
 class OnlineMergeTrainerMixin:
@@ -178,7 +184,7 @@ class OnlineMergeTrainerMixin:
         if engine is not None:
             self.online_merge = install_online_merging(engine, base=a.merge_base_model, reference=a.merge_reference_model)
             resume = getattr(self, "_online_merge_resume", None)
-            if resume and engine.load_universal_checkpoint():
+            if resume and loads_universal_checkpoint(engine):
                 if resume is True:
                     from transformers.trainer_utils import get_last_checkpoint
 

@@ -1,23 +1,23 @@
 """AdamW plus online merging in one pass over the dense state, with Triton kernels.
 
-What a step has to move (fp32, per element): AdamW reads param, grad, exp_avg, exp_avg_sq and writes
-param, exp_avg, exp_avg_sq (28 bytes). The engine's unfused path issues one torch kernel per
-operation (about 40 bytes for OnDARE; about 100 for OnTIES, which builds a dense magnitude tensor
-and compacts it). Here:
+`FusedOnlineMergingAdamW` is the engine (`OnlineMergingAdamW`, `merging.merger.merge_segment`)
+with its one dense-pass hook, `OnlineMergingAdamW._dense_pass`, overridden; the algorithm (step-K
+schedule, sparsification, consensus, statistics, EMA) is the engine's. What the kernels take over,
+through the hooks the engine documents (`merging.merger.MergeHooks`):
 
-- `_adamw_merge_kernel` does weight decay and the moment updates in one read and write of each
-  dense tensor, and depending on the step also
-  - OnTIES merge step: the update's magnitude, compared against a cut predicted from the previous
-    merge; positions at or above it are appended to a small candidate list (about 2 k). The exact
-    top-k with the engine's tie-break is then taken among the candidates, which provably hold the
-    whole top-k whenever at least k survive and the k-th largest clears the cut by a margin;
-    otherwise (first merge, a bad prediction) the step takes the engine's selection on the same
-    moments. Either way the kept set is the engine's.
-  - step-K: the plain update applied and accumulated (non-merge steps), or the accumulated updates
-    rolled back (OnTIES merge steps).
-- `_dare_update_kernel` does OnDARE's sparse part: it draws the counter-based keep-mask of one
-  2^16-index block in registers, exactly as `rng._block_positions` does, and adds the rescaled,
-  weighted update at the kept positions (about p of the elements), with no host synchronisation.
+- `_adamw_merge_kernel` (the dense pass) does weight decay and the moment updates in one read and
+  write of each dense tensor, and depending on the step also
+  - the step-K part (`MergeHooks.step_k_done`): the plain update applied and accumulated
+    (non-merge steps), or the accumulated updates rolled back (merge steps);
+  - OnTIES merge steps: the update's magnitude, compared against a cut predicted from the
+    previous merge; positions at or above it are appended to a small candidate list (about 2 k),
+    offered to the engine's selection (`MergeHooks.top_k_candidates`), which proves them complete
+    or selects over the whole segment itself. Either way the kept set is the engine's.
+- `_dare_update_kernel` (`MergeHooks.add_dare_update`) does OnDARE's sparse part: it draws the
+  counter-based keep-mask of one 2^16-index block in registers, exactly as `rng._block_positions`
+  does, and adds the rescaled, weighted update at the kept positions (about p of the elements),
+  with no host synchronisation. OnDARE's fixed reference term is built once and added with
+  `index_add_` (`MergeHooks.add_dare_reference`).
 
 Bit agreement: every rounding of the engine's torch ops is reproduced (`tl.fma` where torch's
 kernels fuse, IEEE `sqrt_rn`/`div_rn`, bf16 round-to-nearest-even done on the bits, contraction
@@ -36,12 +36,12 @@ from typing import Any, Literal
 import numpy
 import torch
 
-from ..merging import consensus, rng
+from ..merging import rng
+from ..merging import state as merge_state
 from ..merging.config import OnlineMergeConfig
-from ..merging.coords import ShardCoords
-from ..merging.merger import MergeStats, _WithAccumulator, apply_merge, merge_segment
-from ..merging.reference import ReferenceDelta
-from ..merging.sparsify import _SAMPLE, above_threshold, dare_rescale, l1_rescale, ties_positions, top_k_count, top_k_threshold
+from ..merging.merger import MergeHooks, MergeStats, Update, is_merge_step, segment_top_k
+from ..merging.reference import ReferenceDelta, reference_positions
+from ..merging.sparsify import Candidates, sample_cut
 from ..optim import AdamUpdate, NonFinite, OnlineMergingAdamW, Segment
 
 try:
@@ -55,11 +55,11 @@ except Exception:  # noqa: BLE001 - a missing or broken Triton only disables the
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 MODE_MOMENTS = 0
-"""Weight decay and moments only (OnDARE / OnTIES merge steps with K = 1, uncovered elements)."""
+"""Weight decay and moments only (merge steps with K = 1, elements no segment covers)."""
 MODE_ACCUMULATE = 1
 """Step-K non-merge step: also param += update, accumulator += update."""
 MODE_ROLLBACK = 2
-"""Step-K OnTIES merge step: also param -= accumulator (the update is merged with it)."""
+"""Step-K merge step: also param -= accumulator (the update is merged with it)."""
 
 _MARGIN = {torch.float32: 2.0**-16, torch.bfloat16: 2.0**-5}
 """Relative slack between the kernel's magnitudes and the engine's, used only to prove that the
@@ -312,7 +312,6 @@ class _Scalars:
 
 @dataclass(frozen=True)
 class _TiesPlan:
-    k: int
     cut: float
     capacity: int
 
@@ -326,12 +325,22 @@ def _as_kernel_arg(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
 
 
+def _next_cut(magnitude: torch.Tensor, k: int) -> float:
+    """A cut for the next merge: about 2 k elements deep into ``magnitude`` (all of a segment, or
+    its candidates), lowered a little more, because magnitudes drift between steps and a cut that
+    leaves fewer than k candidates costs a fallback, while extra candidates cost little. Rounded
+    to float32 here, so the kernel compares against exactly the cut the proof uses."""
+    return _f32(float(sample_cut(magnitude, k, _CUT_DEPTH)) * _CUT_LOWER)
+
+
 class FusedOnlineMergingAdamW(OnlineMergingAdamW):
-    """`OnlineMergingAdamW` whose dense part runs as one fused Triton kernel per parameter.
+    """`OnlineMergingAdamW` whose dense pass runs as one fused Triton kernel per parameter.
 
     Same arguments, state keys (`step`, `exp_avg`, `exp_avg_sq`, `merge_accumulator`, the reference
     state) and results as the engine, so it can replace it inside Megatron's distributed optimizer
-    or DeepSpeed. The gradient check (``nonfinite``) runs in the shared ``step()``, before either path. Extra arguments:
+    or DeepSpeed. It overrides only the engine's dense-pass hook (`_dense_pass`) and hands the
+    engine one `_KernelHooks` per segment; the gradient check, the step-K schedule, the selection,
+    the consensus and the statistics stay the engine's. Extra arguments:
         backend: "auto" (the kernel on CUDA tensors when Triton imports, the engine otherwise),
             "triton" (always the kernel; on CPU only under TRITON_INTERPRET=1, used by the tests),
             "torch" (always the engine).
@@ -368,36 +377,23 @@ class FusedOnlineMergingAdamW(OnlineMergingAdamW):
         self.kernel_counts = dict.fromkeys(
             ("fused", "engine", "dare_kernel", "dare_torch", "ties_fast", "ties_no_cut", "ties_too_few", "ties_too_many", "ties_margin", "ties_not_applicable"), 0
         )
-        """How parameter steps were taken, and why OnTIES segments missed the candidate path (for
-        tests and logs; not saved). Misses give the same result, only slower."""
-        # Predicted OnTIES cuts per parameter and segment: only a speed hint (a bad or missing one
-        # costs a fallback, never a different result), so it is not optimizer state.
+        """How parameter steps were taken (fused: the dense kernel; engine: the engine's dense
+        pass), how OnDARE updates were applied (in-kernel mask or the engine's), and whether the
+        engine's OnTIES selection used the kernel's candidates or why not (for tests and logs; not
+        saved). Misses give the same result, only slower."""
+        # Predicted OnTIES cuts per parameter and segment index: only a speed hint (a missing or
+        # stale one costs a fallback, never a different result), so it is not optimizer state.
         self._ties_cuts: dict[torch.Tensor, dict[int, float]] = {}
-        # Per parameter and segment: OnDARE's fixed reference term (positions on the device,
-        # alpha * values, squared norm), fixed for a run.
-        self._segment_cache: dict[torch.Tensor, dict[int, dict[str, Any]]] = {}
+        # Per parameter and segment index: OnDARE's fixed reference term (the ReferenceDelta it was
+        # built from, positions on the device, alpha * values, squared norm).
+        self._reference_terms: dict[torch.Tensor, dict[int, tuple[ReferenceDelta, torch.Tensor, torch.Tensor, float]]] = {}
         self._gap_tables: dict[tuple[torch.device, float], tuple[torch.Tensor, torch.Tensor]] = {}
-        # OnDARE kept counts and merged squared norms, summed on the device (see _dare_merge).
+        # OnDARE kept counts and merged squared norms, summed on the device (see add_dare_update).
         self._device_stats: dict[torch.device, torch.Tensor] = {}
 
-    # Both caches depend on the segments' coordinates and are rebuilt on demand.
-    def set_segments(self, param: torch.Tensor, segments: list[Segment]) -> None:
-        super().set_segments(param, segments)
-        self._ties_cuts.pop(param, None)
-        self._segment_cache.pop(param, None)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._ties_cuts.clear()
-        self._segment_cache.clear()
-
-    def set_reference_delta(self, *args: Any, **kwargs: Any) -> None:
-        super().set_reference_delta(*args, **kwargs)
-        self._segment_cache.clear()
-
-    # ---------------------------------------------------------------- dispatch
+    # ---------------------------------------------------------------- the dense-pass hook
     def _kernel_applies(self, data: torch.Tensor, grad: torch.Tensor, state: dict, config: OnlineMergeConfig) -> bool:
-        if self.backend == "torch" or triton is None or not config.merges or grad.is_sparse:
+        if self.backend == "torch" or triton is None or not config.merges:
             return False
         if not data.is_cuda:
             if self.backend != "triton":
@@ -405,71 +401,68 @@ class FusedOnlineMergingAdamW(OnlineMergingAdamW):
             if not _INTERPRET:
                 raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
         tensors = [data, grad, state["exp_avg"], state["exp_avg_sq"]]
-        if "merge_accumulator" in state:
-            if state["merge_accumulator"].dtype != torch.float32:
+        if merge_state.ACCUMULATOR in state:
+            if state[merge_state.ACCUMULATOR].dtype != torch.float32:
                 return False
-            tensors.append(state["merge_accumulator"])
+            tensors.append(state[merge_state.ACCUMULATOR])
         if data.dtype not in _MARGIN or grad.dtype != data.dtype:
             return False
         if state["exp_avg"].dtype not in _MARGIN or state["exp_avg_sq"].dtype != state["exp_avg"].dtype:
             return False
         return all(t.is_contiguous() and t.device == data.device for t in tensors)
 
-    def _step_param(self, param, data, grad, group, lr, beta1, beta2, eps, weight_decay, config) -> None:
-        if grad.is_sparse:
-            raise RuntimeError("OnlineMergingAdamW does not support sparse gradients")
-        state = self._init_state(param, data, config)
+    def _dense_pass(
+        self,
+        param: torch.Tensor,
+        data: torch.Tensor,
+        grad: torch.Tensor,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        step: int,
+        step_size: float,
+        bias_correction2_sqrt: float,
+        config: OnlineMergeConfig,
+    ) -> list[MergeHooks] | None:
         if not self._kernel_applies(data, grad, state, config):
             self.kernel_counts["engine"] += 1
-            super()._step_param(param, data, grad, group, lr, beta1, beta2, eps, weight_decay, config)
-            return
+            return super()._dense_pass(param, data, grad, state, group, step, step_size, bias_correction2_sqrt, config)
         self.kernel_counts["fused"] += 1
-        state["step"] += 1
-        step = int(state["step"].item())
-        # The engine's scalars, computed the same way in double precision.
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
-        step_size = lr / bias_correction1
-        bias_correction2_sqrt = bias_correction2**0.5
-        lerp_weight = 1 - beta1
+        lr, (beta1, beta2), weight_decay = group["lr"], group["betas"], group["weight_decay"]
+        # The engine's scalars, computed the same way in double precision, rounded as torch rounds them.
         scalars = _Scalars(
-            lerp_weight=_f32(lerp_weight),
+            lerp_weight=_f32(1 - beta1),
             beta2=_f32(beta2),
             addcmul_value=_f32(1 - beta2),
             decay=_f32(1 - lr * weight_decay),
             neg_step_size=_f32(-step_size),
             bc2_sqrt=_f32(bias_correction2_sqrt),
             inv_bc2_sqrt=_cuda_scalar_reciprocal(bias_correction2_sqrt),
-            eps=_f32(eps),
-            lerp_small=abs(_f32(lerp_weight)) < 0.5,
+            eps=_f32(group["eps"]),
+            lerp_small=abs(_f32(1 - beta1)) < 0.5,
             weight_decay=weight_decay != 0,
             negate_grad=bool(group["maximize"]),
         )
         flat, flat_grad = data.view(-1), grad.view(-1)
         m, v = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
-        accumulator = state.get("merge_accumulator")
+        accumulator = state.get(merge_state.ACCUMULATOR)
         acc = accumulator.view(-1) if accumulator is not None else None
-        merge_now = config.merge_every == 1 or step % config.merge_every == 0
+        merge_now = is_merge_step(config, step)
+        if not merge_now:
+            segment_mode = MODE_ACCUMULATE
+        else:
+            segment_mode = MODE_ROLLBACK if config.merge_every > 1 else MODE_MOMENTS
         segments = self.segments(param)
-        references = self._reference_views(param)
 
-        # One launch per run of elements that need the same pass; OnTIES segments get their own
-        # (each has its own candidate list).
-        plans: dict[int, _TiesPlan | None] = {}
-        candidates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # One launch per run of elements that need the same pass; OnTIES segments with a plan get
+        # their own (each has its own candidate list).
+        plans = {i: self._ties_plan(param, i, seg, config) for i, seg in enumerate(segments)} if merge_now and config.method == "ties" else {}
+        found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         runs: list[list[int | None]] = []  # [start, end, mode, segment index or None]
         cursor = 0
         for i, seg in sorted(enumerate(segments), key=lambda item: item[1].offset):
             if seg.offset > cursor:
                 runs.append([cursor, seg.offset, MODE_MOMENTS, None])
-            if not merge_now:
-                mode = MODE_ACCUMULATE
-            elif config.method == "ties":
-                mode = MODE_ROLLBACK if config.merge_every > 1 else MODE_MOMENTS
-                plans[i] = self._ties_plan(param, i, seg, config)
-            else:
-                mode = MODE_MOMENTS  # merge_segment rolls back itself (every K steps; not worth fusing)
-            runs.append([seg.offset, seg.offset + seg.coords.numel, mode, i if plans.get(i) else None])
+            runs.append([seg.offset, seg.offset + seg.coords.numel, segment_mode, i if plans.get(i) else None])
             cursor = seg.offset + seg.coords.numel
         if cursor < flat.numel():
             runs.append([cursor, flat.numel(), MODE_MOMENTS, None])
@@ -487,30 +480,23 @@ class FusedOnlineMergingAdamW(OnlineMergingAdamW):
                     torch.empty(plan.capacity, dtype=torch.int64, device=data.device),
                     torch.zeros(1, dtype=torch.int32, device=data.device),
                 )
-                candidates[seg_index] = out
+                found[seg_index] = out
             self._launch(flat, flat_grad, m, v, acc, start, end, mode, scalars, plan, out)
+        margin = _MARGIN[m.dtype]
+        return [
+            _KernelHooks(self, param, i, seg, step, plans.get(i), found.get(i), margin, config.merge_every > 1)
+            for i, seg in enumerate(segments)
+        ]
 
-        for i, seg in enumerate(segments):
-            if not merge_now:
-                self._stats.add(MergeStats(numel=seg.coords.numel))
-                continue
-            update = AdamUpdate(m[seg.slice], v[seg.slice], step_size, bias_correction2_sqrt, eps)
-            reference = references[i] if references else None
-            seg_acc = acc[seg.slice] if acc is not None else None
-            if config.method == "dare" and (config.merge_every > 1 or config.reference_mask == "resampled"):
-                # The engine's own sparse tail (it also rolls back the step-K accumulator).
-                stats = merge_segment(
-                    flat[seg.slice], update, config, seg.name, seg.coords, step,
-                    reference=reference, accumulator=seg_acc, exchange=self._exchange(seg),
-                    track_update_norm=self.track_update_norm,
-                )
-            elif config.method == "dare":
-                stats = self._dare_merge(param, i, seg, flat[seg.slice], update, reference, step)
-            else:
-                stats = self._ties_merge(param, i, seg, flat[seg.slice], update, seg_acc, reference, step, plans[i], candidates.get(i))
-            self._stats.add(stats)
-        if "weight_ema" in state:
-            state["weight_ema"].lerp_(data, config.weight_ema)
+    def _ties_plan(self, param: torch.Tensor, index: int, seg: Segment, config: OnlineMergeConfig) -> _TiesPlan | None:
+        """Candidate collection for a segment's OnTIES merge, where the engine consults candidates
+        (`segment_top_k`) and a cut was predicted at the previous merge."""
+        k = segment_top_k(config, seg.coords, seg.group is not None)
+        cut = self._ties_cuts.get(param, {}).get(index)
+        if k is None or cut is None:
+            self.kernel_counts["ties_not_applicable" if k is None else "ties_no_cut"] += 1
+            return None
+        return _TiesPlan(cut=cut, capacity=min(seg.coords.numel, _CAPACITY * k + 1024))
 
     def _launch(self, flat, grad, m, v, acc, start, end, mode, s: _Scalars, plan, out) -> None:
         n = end - start
@@ -519,7 +505,6 @@ class FusedOnlineMergingAdamW(OnlineMergingAdamW):
         sl = slice(start, end)
         dummy = m[sl]
         cand, count = out if out is not None else (dummy, dummy)
-        cuda = flat.is_cuda
         extra = {} if _INTERPRET else {"enable_fp_fusion": False}
         grid = (triton.cdiv(n, self.block_size),)
         _adamw_merge_kernel[grid](
@@ -549,74 +534,21 @@ class FusedOnlineMergingAdamW(OnlineMergingAdamW):
             MODE=mode,
             CANDIDATES=plan is not None,
             # torch's CUDA kernel divides by a scalar through its reciprocal; its CPU kernel divides.
-            RECIPROCAL_DIV=cuda,
+            RECIPROCAL_DIV=flat.is_cuda,
             BLOCK=self.block_size,
             **extra,
         )
 
-    # ---------------------------------------------------------------- OnDARE
-    def _dare_merge(
-        self, param: torch.Tensor, index: int, seg: Segment, segment: torch.Tensor, update: AdamUpdate,
-        reference: ReferenceDelta | None, step: int,
-    ) -> MergeStats:
-        """merge_segment's OnDARE branch (K = 1, fixed reference mask). The update's keep-mask is
-        drawn inside `_dare_update_kernel` where possible, else with the engine's generator on the
-        parameter's device; the fixed reference term is built
-        once and cached on the device. Kept counts and norms stay on the device until
-        merge_stats() is called, so a step needs no host synchronisation here."""
-        config, coords, name = self.merge_config, seg.coords, seg.name
-        stats = MergeStats(numel=segment.numel(), merges=1)
-        device_stats = self._device_stats_on(segment.device)
-        cache = self._segment_cache.setdefault(param, {}).setdefault(index, {})
-        contiguous, (lo, hi) = coords.is_contiguous, coords.global_span()
-        if contiguous and config.keep_rate < 1.0 and not config.l1_rescale and not self.track_update_norm:
-            self._launch_dare_update(segment, update, seg, step, device_stats, lo, hi)
-            self.kernel_counts["dare_kernel"] += 1
-        else:
-            self.kernel_counts["dare_torch"] += 1
-            positions = rng.keep_positions(config.seed, name, step, rng.STREAM_UPDATE, coords, config.keep_rate, segment.device)
-            values = update.at(positions)
-            if config.dare_rescale:
-                values = dare_rescale(values, config.keep_rate)
-            if config.l1_rescale:
-                values = l1_rescale(values, update.dense())
-            stats.kept = positions.numel()
-            if self.track_update_norm:
-                stats.update_sq = float(update.magnitude().double().square().sum())
-            step_update = values * (1.0 - config.alpha)
-            segment[positions] += step_update
-            device_stats[1] += step_update.double().square().sum()
-        if config.alpha > 0.0:
-            if reference is None:
-                raise ValueError(f"{name!r}: alpha={config.alpha} needs a reference delta; call set_reference_delta first")
-            if "reference" not in cache:
-                # The fixed mask is drawn at step 0 and the values never change: alpha * F(tau) is
-                # one fixed sparse vector, built once per run (or resume).
-                positions = rng.keep_positions(config.seed, name, 0, rng.STREAM_REFERENCE, coords, config.keep_rate, segment.device)
-                step_reference = reference.values.to(segment.device) * config.alpha
-                cache["reference"] = (positions, step_reference, float(step_reference.double().square().sum()))
-            positions, step_reference, reference_sq = cache["reference"]
-            stats.reference_kept = positions.numel()
-            stats.merged_sq += reference_sq
-            if segment.dtype == step_reference.dtype:
-                # One launch; positions are distinct, so each element gets exactly one rounded addition.
-                segment.index_add_(0, positions, step_reference)
-            else:
-                segment[positions] += step_reference  # bf16 + fp32, rounded once to bf16, as the engine
-        return stats
-
-    def _launch_dare_update(
-        self, segment: torch.Tensor, update: AdamUpdate, seg: Segment, step: int, device_stats: torch.Tensor, lo: int, hi: int
-    ) -> None:
+    # ---------------------------------------------------------------- OnDARE's sparse kernel
+    def _launch_dare_update(self, segment: torch.Tensor, update: AdamUpdate, name: str, lo: int, hi: int, step: int) -> None:
         config = self.merge_config
         if hi < lo:
             return
         lookup, thresholds = self._gap_tables_on(segment.device, config.keep_rate)
-        key0, key1 = rng.mask_key(config.seed, seg.name)
+        key0, key1 = rng.mask_key(config.seed, name)
         expected = config.keep_rate * rng.BLOCK
         # Philox calls drawn per loop turn: about one turn per mask block (capped for registers).
         calls = min(1024, triton.next_power_of_2(int((expected + 4.5 * math.sqrt(expected) + 8) / 4) + 1))
-        cuda = segment.is_cuda
         extra = {} if _INTERPRET else {"enable_fp_fusion": False}
         first_block, last_block = lo // rng.BLOCK, hi // rng.BLOCK
         _dare_update_kernel[(last_block - first_block + 1,)](
@@ -625,7 +557,7 @@ class FusedOnlineMergingAdamW(OnlineMergingAdamW):
             _as_kernel_arg(update.exp_avg_sq),
             lookup,
             thresholds,
-            device_stats,
+            self._device_stats_on(segment.device),
             key0 | (key1 << 32),
             first_block,
             lo,
@@ -643,7 +575,7 @@ class FusedOnlineMergingAdamW(OnlineMergingAdamW):
             PARAM_BF16=segment.dtype == torch.bfloat16,
             STATE_BF16=update.exp_avg.dtype == torch.bfloat16,
             RESCALE=config.dare_rescale,
-            RECIPROCAL_DIV=cuda,
+            RECIPROCAL_DIV=segment.is_cuda,
             CALLS=calls,
             SEARCH_STEPS=max(1, int(thresholds.numel()).bit_length() + 1),
             MASK_BLOCK=rng.BLOCK,
@@ -654,127 +586,97 @@ class FusedOnlineMergingAdamW(OnlineMergingAdamW):
         """The engine's geometric-gap tables (bucket lookup as int32, thresholds), cached per device."""
         key = (device, keep_rate)
         if key not in self._gap_tables:
-            thresholds, lookup = rng._gap_tables(keep_rate)
+            thresholds, lookup = rng.gap_tables(keep_rate)
             self._gap_tables[key] = (lookup.to(device=device, dtype=torch.int32), thresholds.to(device))
         return self._gap_tables[key]
 
     def _device_stats_on(self, device: torch.device) -> torch.Tensor:
-        """[kept, merged squared norm, sign conflicts] summed on the device between merge_stats() calls."""
+        """[kept, merged squared norm] of the sparse kernel, summed on the device between statistics reads."""
         if device not in self._device_stats:
-            self._device_stats[device] = torch.zeros(3, dtype=torch.float64, device=device)
+            self._device_stats[device] = torch.zeros(2, dtype=torch.float64, device=device)
         return self._device_stats[device]
 
-    def merge_stats(self, reset: bool = True) -> dict[str, float]:
+    def merge_sums(self, reset: bool = True) -> MergeStats:
+        # The sparse kernel's counts join the engine's here: one host synchronisation per read.
         for device_stats in self._device_stats.values():
-            kept, merged_sq, sign_conflicts = device_stats.tolist()
+            kept, merged_sq = device_stats.tolist()
             self._stats.kept += int(kept)
             self._stats.merged_sq += merged_sq
-            self._stats.sign_conflicts += int(sign_conflicts)
             device_stats.zero_()
-        return super().merge_stats(reset)
+        return super().merge_sums(reset)
 
-    # ---------------------------------------------------------------- OnTIES
-    def _ties_fast_path_applies(self, seg: Segment, config: OnlineMergeConfig) -> int | None:
-        """k when the candidate path can run on this segment, else None."""
-        coords = seg.coords
-        if config.ties_scope == "tensor" and coords.numel != coords.global_numel:
-            return None  # the per-tensor threshold needs the other ranks' candidates: engine path
-        k = top_k_count(coords.numel, config.keep_rate)
-        return k if 1 <= k < coords.numel else None
 
-    def _ties_plan(self, param: torch.Tensor, index: int, seg: Segment, config: OnlineMergeConfig) -> _TiesPlan | None:
-        k = self._ties_fast_path_applies(seg, config)
-        cut = self._ties_cuts.get(param, {}).get(index)
-        if k is None or cut is None:
-            return None
-        return _TiesPlan(k=k, cut=cut, capacity=min(seg.coords.numel, _CAPACITY * k + 1024))
+class _KernelHooks(MergeHooks):
+    """What the fused kernels take over of one segment's merged step (see `MergeHooks`)."""
 
-    def _remember_cut(self, param: torch.Tensor, index: int, cut: float | None) -> None:
-        cuts = self._ties_cuts.setdefault(param, {})
-        if cut is None or not math.isfinite(cut):
-            cuts.pop(index, None)
-        else:
-            cuts[index] = cut
-
-    @staticmethod
-    def _next_cut(magnitude: torch.Tensor, k: int) -> float:
-        """A cut for the next merge: about 2 k elements deep into ``magnitude`` (all of a segment, or
-        its candidates), lowered a little more, because magnitudes drift between steps and a cut
-        that leaves fewer than k candidates costs a fallback, while extra candidates cost little."""
-        n = magnitude.numel()
-        if n > 4 * _SAMPLE:
-            sample = magnitude[:: n // _SAMPLE]
-            expected = k / n * sample.numel()
-            rank = min(sample.numel(), int(_CUT_DEPTH * expected + 4.0 * expected**0.5 + 16))
-            value = torch.kthvalue(sample, sample.numel() - rank + 1).values
-        else:
-            rank = min(n, int(_CUT_DEPTH * k) + 16)
-            value = torch.kthvalue(magnitude, n - rank + 1).values
-        # Rounded to float32 here, so the kernel compares against exactly the cut the proof uses.
-        return _f32(float(value) * _CUT_LOWER)
-
-    def _select_from_candidates(
-        self, update: Any, coords: ShardCoords, plan: _TiesPlan, out: tuple[torch.Tensor, torch.Tensor], margin: float
-    ) -> tuple[torch.Tensor, float] | None:
-        """The engine's top-k positions from the kernel's candidates, or None when they cannot be proven complete."""
-        cand, count = out
-        found = int(count.item())
-        if found < plan.k or found > plan.capacity:
-            self.kernel_counts["ties_too_few" if found < plan.k else "ties_too_many"] += 1
-            return None
-        cand = torch.sort(cand[:found]).values
-        # The engine's magnitudes at the candidates, bit for bit: |update.at(pos)| == update.magnitude()[pos].
-        sub = update.at(cand).abs()
-        index_of_sub = lambda pos: coords.global_index(cand[pos])  # noqa: E731
-        threshold = top_k_threshold(sub, plan.k, index_of_sub)
-        kth = threshold.magnitude if threshold is not None else float(sub.min())
-        # Every non-candidate has kernel magnitude < cut, so engine magnitude < cut * (1 + margin);
-        # if the k-th largest candidate is at least that, no non-candidate can be in the top k.
-        if not kth >= plan.cut * (1.0 + margin):
-            self.kernel_counts["ties_margin"] += 1
-            return None
-        positions = cand[above_threshold(sub, threshold, index_of_sub)]
-        return positions, self._next_cut(sub, plan.k)
-
-    def _ties_merge(
+    def __init__(
         self,
+        optimizer: FusedOnlineMergingAdamW,
         param: torch.Tensor,
         index: int,
         seg: Segment,
-        segment: torch.Tensor,
-        adam_update: AdamUpdate,
-        accumulator: torch.Tensor | None,
-        reference: ReferenceDelta | None,
         step: int,
         plan: _TiesPlan | None,
-        out: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> MergeStats:
-        """merge_segment's OnTIES branch after the kernel (the step-K roll-back is already done)."""
-        config, coords, name = self.merge_config, seg.coords, seg.name
-        update = _WithAccumulator(adam_update, accumulator) if accumulator is not None else adam_update
-        selected = None
-        if plan is not None and out is not None:
-            selected = self._select_from_candidates(update, coords, plan, out, _MARGIN[adam_update.exp_avg.dtype])
-        if selected is not None:
-            positions, next_cut = selected
-            self.kernel_counts["ties_fast"] += 1
-        else:
-            magnitude = update.magnitude()
-            positions = ties_positions(magnitude, config.keep_rate, config.ties_scope, coords, self._exchange(seg), name)
-            k = self._ties_fast_path_applies(seg, config)
-            next_cut = self._next_cut(magnitude, k) if k is not None else None
-            if k is None:
-                self.kernel_counts["ties_not_applicable"] += 1
-            elif plan is None:
-                self.kernel_counts["ties_no_cut"] += 1
-        self._remember_cut(param, index, next_cut)
+        found: tuple[torch.Tensor, torch.Tensor] | None,
+        margin: float,
+        step_k_done: bool,
+    ) -> None:
+        self.optimizer, self.param, self.index, self.seg, self.step = optimizer, param, index, seg, step
+        self.plan, self.found, self.margin = plan, found, margin
+        self.step_k_done = step_k_done
+        self.offered = False
 
-        values = update.at(positions)
-        if config.l1_rescale:
-            values = l1_rescale(values, update.dense())
-        stats = apply_merge(segment, positions, values, config, name, coords, step, reference)
-        if self.track_update_norm:
-            stats.update_sq = update.magnitude().double().square().sum()
-        if accumulator is not None:
-            accumulator.zero_()
-        return stats
+    def top_k_candidates(self, k: int) -> Candidates | None:
+        if self.plan is None or self.found is None:
+            return None
+        positions, count = self.found
+        found = int(count.item())
+        if found < k or found > self.plan.capacity:
+            self.optimizer.kernel_counts["ties_too_few" if found < k else "ties_too_many"] += 1
+            return None
+        self.offered = True
+        # Every position left out had kernel magnitude < cut, so engine magnitude < cut * (1 + margin).
+        return Candidates(torch.sort(positions[:found]).values, self.plan.cut * (1.0 + self.margin))
+
+    def top_k_selected(self, magnitude: torch.Tensor, k: int, from_candidates: bool) -> None:
+        if from_candidates or self.offered:
+            self.optimizer.kernel_counts["ties_fast" if from_candidates else "ties_margin"] += 1
+        cut = _next_cut(magnitude, k)
+        cuts = self.optimizer._ties_cuts.setdefault(self.param, {})
+        if math.isfinite(cut):
+            cuts[self.index] = cut
+        else:
+            cuts.pop(self.index, None)
+
+    def add_dare_update(self, param: torch.Tensor, update: Update, weight: float, stats: MergeStats) -> bool:
+        """The keep-mask drawn in the kernel; the kept count and norm summed on the device. Only
+        Adam's own update (not step-K's update plus accumulator), without the L1 rescale."""
+        config, coords = self.optimizer.merge_config, self.seg.coords
+        if not isinstance(update, AdamUpdate) or not coords.is_contiguous or config.keep_rate >= 1.0 or config.l1_rescale:
+            self.optimizer.kernel_counts["dare_torch"] += 1
+            return False
+        lo, hi = coords.global_span()
+        self.optimizer._launch_dare_update(param, update, self.seg.name, lo, hi, self.step)
+        self.optimizer.kernel_counts["dare_kernel"] += 1
+        return True
+
+    def add_dare_reference(self, param: torch.Tensor, reference: ReferenceDelta, weight: float, stats: MergeStats) -> bool:
+        """With a fixed mask, weight * F(tau) is one fixed sparse vector: built once per reference
+        delta (positions drawn on the device) and added with one index_add_."""
+        config, seg = self.optimizer.merge_config, self.seg
+        if config.reference_mask == "resampled":
+            return False
+        terms = self.optimizer._reference_terms.setdefault(self.param, {})
+        if self.index not in terms or terms[self.index][0] is not reference:
+            positions = reference_positions(config, seg.name, seg.coords, 0, param.device)
+            step_reference = reference.values.to(param.device) * weight
+            terms[self.index] = (reference, positions, step_reference, float(step_reference.double().square().sum()))
+        _, positions, step_reference, reference_sq = terms[self.index]
+        stats.reference_kept = positions.numel()
+        stats.merged_sq = stats.merged_sq + reference_sq
+        if param.dtype == step_reference.dtype:
+            # One launch; positions are distinct, so each element gets exactly one rounded addition.
+            param.index_add_(0, positions, step_reference)
+        else:
+            param[positions] += step_reference  # bf16 + fp32, rounded once to bf16, as the engine
+        return True

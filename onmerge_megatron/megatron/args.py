@@ -1,4 +1,5 @@
-"""Megatron-style command-line flags and the same settings as a dataclass.
+"""Megatron-style command-line flags and the same settings as a dataclass, both generated from
+OnlineMergeConfig's fields (name, type, default, help): ``--online-merge-<field>``.
 
 In a Megatron-LM training script (see docs/megatron.md for the exact lines)::
 
@@ -11,7 +12,7 @@ In a script that builds the optimizer itself (NeMo-RL / verl / ms-swift style)::
 
     settings = OnlineMergeSettings.from_args(args)          # or OnlineMergeSettings(method="dare", ...)
     optimizer = get_megatron_optimizer(opt_config, model)
-    merging = settings.install(optimizer, model)
+    optimizer = settings.install(optimizer, model) or optimizer
 """
 
 from __future__ import annotations
@@ -20,56 +21,70 @@ import argparse
 import dataclasses
 import functools
 import logging
-from dataclasses import dataclass
+import typing
 from typing import Any, Callable, Literal, Sequence
 
-from ..merging.config import OnlineMergeConfig
+from ..merging.config import OnlineMergeConfig, union_from_text
 
 logger = logging.getLogger(__name__)
 
-_DEFAULTS = OnlineMergeConfig()
+# Every flag and settings field below is generated from OnlineMergeConfig's fields: name, type,
+# default ("front_end_default" where the front-ends differ from the engine) and help.
+_ENGINE_FIELDS = dataclasses.fields(OnlineMergeConfig)
+_ENGINE_TYPES = typing.get_type_hints(OnlineMergeConfig)
 
 
-def _clamp(value: str) -> float | Literal["auto"] | None:
-    if value.lower() == "auto":
-        return "auto"
-    return None if value.lower() in ("none", "off", "0") else float(value)
+def _front_end_default(f: dataclasses.Field) -> Any:
+    return f.metadata.get("front_end_default", f.default)
+
+
+def _flag(name: str) -> str:
+    """``--online-merge-<field>``; ``merge_every`` is ``--online-merge-every``, not ``...-merge-merge-every``."""
+    return "--online-merge-" + name.removeprefix("merge_").replace("_", "-")
+
+
+def _dest(name: str) -> str:
+    # The method keeps the attribute name scripts read (``args.online_merge``), as its short flag does.
+    return "online_merge" if name == "method" else _flag(name)[2:].replace("-", "_")
+
+
+def _words_or_number(annotation: Any) -> Callable[[str], Any]:
+    """Parser of a flag whose type is a union such as ``float | Literal['auto'] | None``."""
+    members = typing.get_args(annotation)
+    words = [w for m in members if typing.get_origin(m) is Literal for w in typing.get_args(m)]
+    number = next(m for m in members if m in (int, float))
+
+    def parse(text: str) -> Any:
+        return union_from_text(annotation, text)
+
+    parse.__name__ = " or ".join([number.__name__, *map(repr, words), *(["none"] if type(None) in members else [])])
+    return parse
+
+
+def _add_engine_flag(group: argparse._ArgumentGroup, f: dataclasses.Field) -> None:
+    """The flag of one OnlineMergeConfig field: its type, front-end default and help."""
+    annotation, dest, default = _ENGINE_TYPES[f.name], _dest(f.name), _front_end_default(f)
+    flags = (_flag(f.name), "--online-merge") if f.name == "method" else (_flag(f.name),)
+    text = f.metadata["help"].replace("%", "%%") + " (default: %(default)s)"
+    if annotation is bool:  # --online-merge-x and --online-merge-no-x, as Megatron-LM spells switches
+        group.add_argument(*flags, dest=dest, action="store_true", default=default, help=text)
+        group.add_argument(_flag("no_" + f.name), dest=dest, action="store_false", default=default, help=f"The opposite of {flags[0]}.")
+    elif typing.get_origin(annotation) is Literal:
+        group.add_argument(*flags, dest=dest, choices=typing.get_args(annotation), default=default, help=text)
+    else:
+        parse = annotation if annotation in (int, float, str) else _words_or_number(annotation)
+        group.add_argument(*flags, dest=dest, type=parse, default=default, help=text)
 
 
 def add_online_merge_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``--online-merge*`` flags; usable as Megatron-LM's ``extra_args_provider``."""
+    """Add ``--online-merge-<field>`` flags, one per OnlineMergeConfig field, plus where the base
+    weights are; usable as Megatron-LM's ``extra_args_provider``. ``--online-merge METHOD`` is the
+    short form of ``--online-merge-method``."""
     group = parser.add_argument_group(title="online merging (OnDARE / OnTIES, arXiv 2405.17931)")
-    group.add_argument("--online-merge", choices=("dare", "ties", "none"), default="none",
-                       help="Merge every optimizer step with the reference delta (SFT minus base): "
-                            "OnDARE (random keep-mask) or OnTIES (top-p and sign consensus). Default: none.")
-    group.add_argument("--online-merge-keep-rate", type=float, default=_DEFAULTS.keep_rate,
-                       help="p: fraction of update/delta elements kept (paper script: 0.01).")
-    group.add_argument("--online-merge-alpha", type=float, default=_DEFAULTS.alpha,
-                       help="Weight of the reference delta; the update gets 1 - alpha (paper: 1e-7 .. 1e-6).")
-    group.add_argument("--online-merge-every", type=int, default=_DEFAULTS.merge_every,
-                       help="K: merge every K-th step, accumulating plain updates in between.")
-    group.add_argument("--online-merge-base", type=str, default=None,
-                       help="Base (pre-trained) weights as a Megatron dist checkpoint directory; the "
-                            "reference delta is the policy's initial (SFT) weights minus these.")
-    group.add_argument("--online-merge-base-hf", type=str, default=None,
-                       help="Base weights as a Hugging Face checkpoint (directory or hub id), converted with mbridge.")
-    group.add_argument("--online-merge-base-key-prefix", type=str, default="",
-                       help="Prefix of the model's keys in --online-merge-base (default: none, as Megatron-LM saves).")
-    group.add_argument("--online-merge-seed", type=int, default=_DEFAULTS.seed,
-                       help="Key of the counter-based keep-masks (layout independent).")
-    group.add_argument("--online-merge-ties-scope", choices=("shard", "tensor"), default=_DEFAULTS.ties_scope,
-                       help="OnTIES top-p over each rank's shard (no collective) or the whole tensor (TP only).")
-    group.add_argument("--online-merge-sign-election", choices=("unweighted", "weighted"), default=_DEFAULTS.sign_election)
-    group.add_argument("--online-merge-reference-mask", choices=("fixed", "resampled"), default=_DEFAULTS.reference_mask)
-    group.add_argument("--online-merge-reference-clamp", type=_clamp, default=_DEFAULTS.reference_clamp,
-                       help="Clamp the sparsified reference delta to [-c, c]; 'none' disables; 'auto' (default) "
-                            "follows the reference code: 1.0 for OnDARE, none for OnTIES.")
-    group.add_argument("--online-merge-no-dare-rescale", action="store_true",
-                       help="Do not scale kept OnDARE elements by 1/p.")
-    group.add_argument("--online-merge-l1-rescale", action="store_true",
-                       help="Rescale the sparsified update to the dense update's L1 norm.")
-    group.add_argument("--online-merge-weight-ema", type=float, default=_DEFAULTS.weight_ema,
-                       help="Baseline instead of merging: EMA of the weights with this rate (0 = off).")
+    for f in _ENGINE_FIELDS:
+        _add_engine_flag(group, f)
+    for f in _BASE_FIELDS:
+        group.add_argument(_flag(f.name), dest=_dest(f.name), type=str, default=f.default, help=f.metadata["help"])
     return parser
 
 
@@ -84,27 +99,8 @@ def combine_extra_args_providers(*providers: Callable[[argparse.ArgumentParser],
     return provider
 
 
-@dataclass(frozen=True)
-class OnlineMergeSettings:
-    """The ``--online-merge*`` flags as a dataclass (for YAML/Python configs instead of argparse)."""
-
-    method: Literal["dare", "ties", "none"] = "none"
-    keep_rate: float = _DEFAULTS.keep_rate
-    alpha: float = _DEFAULTS.alpha
-    merge_every: int = _DEFAULTS.merge_every
-    base: str | None = None
-    """Megatron dist checkpoint of the base model."""
-    base_hf: str | None = None
-    """Hugging Face base checkpoint (converted with mbridge)."""
-    base_key_prefix: str = ""
-    seed: int = _DEFAULTS.seed
-    ties_scope: Literal["shard", "tensor"] = _DEFAULTS.ties_scope
-    sign_election: Literal["unweighted", "weighted"] = _DEFAULTS.sign_election
-    reference_mask: Literal["fixed", "resampled"] = _DEFAULTS.reference_mask
-    reference_clamp: float | Literal["auto"] | None = _DEFAULTS.reference_clamp
-    dare_rescale: bool = _DEFAULTS.dare_rescale
-    l1_rescale: bool = _DEFAULTS.l1_rescale
-    weight_ema: float = _DEFAULTS.weight_ema
+class _OnlineMergeSettingsMethods:
+    """What OnlineMergeSettings does with its fields (the fields are generated below)."""
 
     def __post_init__(self) -> None:
         if self.base and self.base_hf:
@@ -116,12 +112,7 @@ class OnlineMergeSettings:
         return self.method != "none" or self.weight_ema > 0
 
     def merge_config(self) -> OnlineMergeConfig:
-        return OnlineMergeConfig(
-            method=self.method, keep_rate=self.keep_rate, alpha=self.alpha, merge_every=self.merge_every,
-            dare_rescale=self.dare_rescale, l1_rescale=self.l1_rescale, reference_clamp=self.reference_clamp,
-            reference_mask=self.reference_mask, sign_election=self.sign_election, ties_scope=self.ties_scope,
-            seed=self.seed, weight_ema=self.weight_ema,
-        )
+        return OnlineMergeConfig(**{f.name: getattr(self, f.name) for f in _ENGINE_FIELDS})
 
     def reference_source(self) -> Any:
         """Where the reference delta comes from (None if no base was given)."""
@@ -137,31 +128,17 @@ class OnlineMergeSettings:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "OnlineMergeSettings":
-        """From parsed ``--online-merge*`` flags (Megatron-LM's ``get_args()`` or argparse)."""
-        get = functools.partial(getattr, args)
-        return cls(
-            method=get("online_merge", "none"),
-            keep_rate=get("online_merge_keep_rate", _DEFAULTS.keep_rate),
-            alpha=get("online_merge_alpha", _DEFAULTS.alpha),
-            merge_every=get("online_merge_every", _DEFAULTS.merge_every),
-            base=get("online_merge_base", None),
-            base_hf=get("online_merge_base_hf", None),
-            base_key_prefix=get("online_merge_base_key_prefix", ""),
-            seed=get("online_merge_seed", _DEFAULTS.seed),
-            ties_scope=get("online_merge_ties_scope", _DEFAULTS.ties_scope),
-            sign_election=get("online_merge_sign_election", _DEFAULTS.sign_election),
-            reference_mask=get("online_merge_reference_mask", _DEFAULTS.reference_mask),
-            reference_clamp=get("online_merge_reference_clamp", _DEFAULTS.reference_clamp),
-            dare_rescale=not get("online_merge_no_dare_rescale", False),
-            l1_rescale=get("online_merge_l1_rescale", False),
-            weight_ema=get("online_merge_weight_ema", _DEFAULTS.weight_ema),
-        )
+        """From parsed ``--online-merge*`` flags (Megatron-LM's ``get_args()`` or argparse); a flag
+        the namespace lacks keeps its default."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{name: getattr(args, _dest(name)) for name in names if hasattr(args, _dest(name))})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def install(self, megatron_optimizer: Any, model_chunks: Sequence[Any] | Any, *, defer_reference: bool = False, progress: bool = True) -> Any:
-        """``install_online_merging`` with these settings; returns the handle (None when disabled).
+        """``install_online_merging`` with these settings; returns the optimizer to use from now on
+        (an ``OnlineMergingOptimizer``), or None when disabled.
 
         ``defer_reference``: build the reference delta at the first ``step()`` instead of now,
         for scripts that load the SFT weights after creating the optimizer (Megatron-LM's
@@ -183,6 +160,33 @@ class OnlineMergeSettings:
         return install_online_merging(megatron_optimizer, model_chunks, config, source, progress=progress, defer_reference=defer_reference)
 
 
+@dataclasses.dataclass(frozen=True)
+class _BaseWeights:
+    """Where the base (pre-trained) weights are: the settings beyond the engine's."""
+
+    base: str | None = dataclasses.field(default=None, metadata={
+        "help": "Base (pre-trained) weights as a Megatron dist checkpoint directory; the reference delta is the "
+                "policy's initial (SFT) weights minus these."})
+    base_hf: str | None = dataclasses.field(default=None, metadata={
+        "help": "Base weights as a Hugging Face checkpoint (directory or hub id), converted with mbridge."})
+    base_key_prefix: str = dataclasses.field(default="", metadata={
+        "help": "Prefix of the model's keys in --online-merge-base (default: none, as Megatron-LM saves)."})
+
+
+_BASE_FIELDS = dataclasses.fields(_BaseWeights)
+
+OnlineMergeSettings = dataclasses.make_dataclass(
+    "OnlineMergeSettings",
+    [(f.name, _ENGINE_TYPES[f.name], dataclasses.field(default=_front_end_default(f), metadata=f.metadata)) for f in _ENGINE_FIELDS]
+    + [(f.name, typing.get_type_hints(_BaseWeights)[f.name], dataclasses.field(default=f.default, metadata=f.metadata))
+       for f in _BASE_FIELDS],
+    bases=(_OnlineMergeSettingsMethods,),
+    namespace={"__module__": __name__, "__doc__": "The ``--online-merge*`` flags as a dataclass (for YAML/Python configs instead of argparse): "
+                          "OnlineMergeConfig's fields with the front-ends' defaults, plus base, base_hf, base_key_prefix."},
+    frozen=True,
+)
+
+
 def wrap_optimizer_factory(factory: Callable[..., Any], settings: Callable[[], OnlineMergeSettings]) -> Callable[..., Any]:
     """A ``get_megatron_optimizer`` that installs online merging on what ``factory`` returns.
 
@@ -197,10 +201,11 @@ def wrap_optimizer_factory(factory: Callable[..., Any], settings: Callable[[], O
         if chunks is None:
             raise TypeError("online merge: could not find the model chunks among get_megatron_optimizer's arguments")
         current = settings()
-        handle = current.install(optimizer, chunks, defer_reference=True)
-        if handle is not None:
-            logger.info("online merge: %s installed on %s", current.merge_config(), type(optimizer).__name__)
-        return optimizer
+        merging = current.install(optimizer, chunks, defer_reference=True)
+        if merging is None:
+            return optimizer
+        logger.info("online merge: %s installed on %s", current.merge_config(), type(optimizer).__name__)
+        return merging
 
     get_megatron_optimizer.__wrapped_by_online_merge__ = True  # type: ignore[attr-defined]
     return get_megatron_optimizer

@@ -46,6 +46,28 @@ class ParamCoords:
         return ShardCoords(self.global_shape, self.blocks, start, numel if end is None else end)
 
 
+@dataclass
+class MainShard:
+    """One fp32 main param of an inner optimizer and where its elements live."""
+
+    main_param: torch.Tensor
+    """The tensor the inner optimizer steps (flat for the distributed optimizer)."""
+    model_param: torch.Tensor
+    """The TP-local model parameter it belongs to."""
+    start: int
+    end: int
+    """Range of ``model_param.view(-1)`` held by ``main_param``."""
+    param_coords: ParamCoords
+
+    @property
+    def name(self) -> str:
+        return self.param_coords.key
+
+    @property
+    def coords(self) -> ShardCoords:
+        return self.param_coords.shard(self.start, self.end)
+
+
 _WRAPPERS = ("DistributedDataParallel", "Float16Module", "FullyShardedDataParallel", "TorchFullyShardedDataParallel")
 
 

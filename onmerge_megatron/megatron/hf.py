@@ -27,14 +27,12 @@ import glob
 import logging
 import os
 import re
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 
+from .coords import param_coords, unwrap_model_chunk
 from .reference import BaseWeightsSource, differing_dims
-
-if TYPE_CHECKING:
-    from .optimizer import OnlineMergingHandle
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +80,8 @@ class HuggingFaceBase(BaseWeightsSource):
             self._bridge = AutoBridge.from_pretrained(self.path, dtype=torch.float32)
         return self._bridge
 
-    def iter_base(self, handle: "OnlineMergingHandle", params: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def iter_base(self, model_chunks: Sequence[Any], params: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from mbridge.core.safetensor_io import SafeTensorIO
-
-        from .coords import param_coords
 
         bridge = self.bridge()
         hf_dir = bridge._get_actual_hf_path(self.path)
@@ -99,8 +95,8 @@ class HuggingFaceBase(BaseWeightsSource):
         # Everything is checked before the first weight is read (mbridge would read the first layers
         # of a deeper base, or rows of a larger one, without complaint), for every parameter of the
         # local model, not only those this rank steps, so that data-parallel ranks refuse alike.
-        self._check_config(bridge, handle.model_chunks)
-        coords = param_coords(handle.model_chunks)
+        self._check_config(bridge, model_chunks)
+        coords = param_coords(model_chunks)
         shapes = _safetensors_shapes(hf_dir)
         hf_names = {param: self._check_tensor(bridge, shapes, where) for param, where in coords.items()}
         for param in params:
@@ -111,10 +107,8 @@ class HuggingFaceBase(BaseWeightsSource):
             del full, hf_weights
             yield param, local
 
-    def _check_config(self, bridge: Any, model_chunks: list[Any]) -> None:
+    def _check_config(self, bridge: Any, model_chunks: Sequence[Any]) -> None:
         """Refuse a base whose config.json describes another architecture than the model's."""
-        from .coords import unwrap_model_chunk
-
         model = unwrap_model_chunk(model_chunks[0])
         config, hf = model.config, bridge.hf_config
         heads = config.num_attention_heads

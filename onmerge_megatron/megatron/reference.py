@@ -19,14 +19,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from ..merging.coords import ShardCoords
-
-if TYPE_CHECKING:
-    from .optimizer import MainShard, OnlineMergingHandle
+from .coords import MainShard, iter_sharded_tensors, sharded_entries
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +53,9 @@ class BaseWeightsSource:
 
     description = "base weights"
 
-    def iter_base(self, handle: "OnlineMergingHandle", params: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (model_param, base tensor of the same TP-local shape) for each of ``params``."""
+    def iter_base(self, model_chunks: Sequence[Any], params: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (model_param, base tensor of the same TP-local shape) for each of ``params``, which
+        are parameters of ``model_chunks``."""
         raise NotImplementedError
 
 
@@ -75,14 +74,12 @@ class MegatronCheckpointBase(BaseWeightsSource):
         self.key_prefix = key_prefix
         self.description = f"Megatron checkpoint {self.path}"
 
-    def iter_base(self, handle: "OnlineMergingHandle", params: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def iter_base(self, model_chunks: Sequence[Any], params: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         import torch.distributed as dist
         from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing.dict_utils import dict_list_map_outplace
 
-        from .coords import sharded_entries
-
-        entries = sharded_entries(handle.model_chunks)
+        entries = sharded_entries(model_chunks)
         missing = [tuple(p.shape) for p in params if p not in entries]
         if missing:
             raise ValueError(f"online merge: {len(missing)} parameter(s) have no sharded_state_dict entry to read from {self.path}: shapes {missing[:5]}")
@@ -118,8 +115,6 @@ class MegatronCheckpointBase(BaseWeightsSource):
     def _check_shapes(self, entries: list[Any]) -> None:
         """Refuse, before any weight is read, a checkpoint whose tensors are not the model's."""
         from megatron.core import dist_checkpointing
-
-        from .coords import iter_sharded_tensors
 
         saved = dist_checkpointing.load_tensors_metadata(self.path)
         for entry in entries:
@@ -172,62 +167,70 @@ def _with_local_shapes(loaded: Any, request: Any) -> Any:
     return loaded.reshape(request.local_shape)
 
 
-def _policy_minus_base(handle: "OnlineMergingHandle", source: BaseWeightsSource, progress: Progress | None) -> list[dict]:
-    """Per inner optimizer: {(name, coords): tau of that shard} with tau = main param (SFT) - base."""
-    shards_by_model: dict[torch.Tensor, list[tuple[int, "MainShard"]]] = {}
-    for index, shards in enumerate(handle.shards):
-        for shard in shards:
-            shards_by_model.setdefault(shard.model_param, []).append((index, shard))
-    params = list(shards_by_model)
-    tables: list[dict] = [{} for _ in handle.shards]
-    nbytes = 0
-    for done, (model_param, base) in enumerate(source.iter_base(handle, params), start=1):
-        if tuple(base.shape) != tuple(model_param.shape):
-            raise ValueError(
-                f"online merge: base tensor for {shards_by_model[model_param][0][1].name!r} has shape "
-                f"{tuple(base.shape)}, the model's is {tuple(model_param.shape)}"
-            )
-        flat = base.reshape(-1)
-        for index, shard in shards_by_model[model_param]:
-            policy = shard.main_param.detach().reshape(-1).to(torch.float32)
-            delta = policy - flat[shard.start : shard.end].to(torch.float32)
-            tables[index][(shard.name, shard.coords)] = delta
-        nbytes += base.numel() * base.element_size()
-        del base, flat
-        if progress is not None:
-            progress(done, len(params), shards_by_model[model_param][0][1].name, nbytes)
-    return tables
+class ShardBase:
+    """The base weights of this rank's main shards, as the engine's weight source
+    (`merging.sources.WeightSource`): the optimizers' reference delta is then their main params
+    (the SFT weights, before the first step) minus this.
+
+    A BaseWeightsSource's reads are collective, so everything is read in one pass by `prepare`, in
+    lockstep with the other ranks, and kept shard-sized (this rank's part of the base, what today's
+    dense tau would be) until `read` hands it over. A source given as a callable
+    ``(name, coords) -> tau`` is not a base: see `reference_delta`."""
+
+    def __init__(self, source: BaseWeightsSource, shards: list[MainShard], model_chunks: Sequence[Any], progress: bool | Progress = True) -> None:
+        self.where = f"the base weights ({source.description})"
+        self._source, self._shards, self._chunks = source, shards, list(model_chunks)
+        self._progress = progress if callable(progress) else (log_progress(source.description) if progress else None)
+        self._shapes = {shard.name: tuple(shard.param_coords.global_shape) for shard in shards}
+        self._pieces: dict[tuple[str, ShardCoords], torch.Tensor] | None = None
+
+    def prepare(self, requests: Any = ()) -> None:
+        """Read this rank's shards of the base (once; collective the first time, on every rank)."""
+        if self._pieces is not None:
+            return
+        by_model: dict[torch.Tensor, list[MainShard]] = {}
+        for shard in self._shards:
+            by_model.setdefault(shard.model_param, []).append(shard)
+        params = list(by_model)
+        pieces: dict[tuple[str, ShardCoords], torch.Tensor] = {}
+        nbytes = 0
+        for done, (model_param, base) in enumerate(self._source.iter_base(self._chunks, params), start=1):
+            if tuple(base.shape) != tuple(model_param.shape):
+                raise ValueError(
+                    f"online merge: base tensor for {by_model[model_param][0].name!r} has shape "
+                    f"{tuple(base.shape)}, the model's is {tuple(model_param.shape)}"
+                )
+            flat = base.reshape(-1)
+            for shard in by_model[model_param]:
+                pieces[(shard.name, shard.coords)] = flat[shard.start : shard.end].to(torch.float32).clone()
+            nbytes += base.numel() * base.element_size()
+            del base, flat
+            if self._progress is not None:
+                self._progress(done, len(params), by_model[model_param][0].name, nbytes)
+        self._pieces = pieces
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def read(self, name: str, coords: ShardCoords) -> torch.Tensor:
+        self.prepare()
+        try:
+            return self._pieces.pop((name, coords))  # read once: freed as the engine takes it
+        except KeyError:
+            raise KeyError(f"online merge: no base weights read for {name!r} {coords}") from None
 
 
-def reference_delta_fns(handle: "OnlineMergingHandle", source: Any, progress: bool | Progress = True) -> list[Callable[[str, ShardCoords], torch.Tensor]]:
-    """Per sub-optimizer of ``handle``, the ``delta_fn`` of its shards. Base weights are read (and
-    checked) now, from ``handle.shards`` alone, so this can run before any optimizer is changed."""
-    report: Progress | None
-    if callable(progress):
-        report = progress
-    else:
-        report = log_progress(getattr(source, "description", type(source).__name__)) if progress else None
+def reference_source(source: Any, shards: list[MainShard], model_chunks: Sequence[Any], progress: bool | Progress = True) -> dict[str, Any]:
+    """The keyword arguments of ``OnlineMergingAdamW.set_reference_delta`` for a reference source
+    (``install_online_merging``'s ``reference_delta_source``): a base, read now (so that a bad base
+    is refused before anything changes), or a callable giving tau itself."""
     if isinstance(source, BaseWeightsSource):
-        fns = []
-        for table in _policy_minus_base(handle, source, report):
-
-            def lookup(name: str, coords: ShardCoords, table: dict = table) -> torch.Tensor:
-                try:
-                    return table[(name, coords)]
-                except KeyError:
-                    raise KeyError(f"online merge: no reference delta computed for {name!r} {coords}") from None
-
-            fns.append(lookup)
-        return fns
+        base = ShardBase(source, shards, model_chunks, progress)
+        base.prepare()
+        return {"base": base}
     if callable(source):
-        return [source] * len(handle.shards)
+        return {"delta_fn": source}
     raise TypeError(
         f"online merge: reference_delta_source must be a MegatronCheckpointBase, HuggingFaceBase or a "
         f"callable (name, coords) -> tensor, got {type(source).__name__}"
     )
-
-
-def build_reference_deltas(handle: "OnlineMergingHandle", source: Any, progress: bool | Progress = True) -> None:
-    """Give every inner optimizer its shards' reference delta."""
-    for inner, delta_fn in zip(handle.inner_optimizers, reference_delta_fns(handle, source, progress)):
-        inner.set_reference_delta(delta_fn=delta_fn)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
 Method = Literal["dare", "ties", "none"]
@@ -25,30 +26,38 @@ class OnlineMergeConfig:
     See docs/algorithm.md for every field.
     """
 
-    method: Method = "dare"
-    keep_rate: float = 0.01
-    """p: fraction of elements kept by the sparsifier (Bernoulli rate for DARE, top-p for TIES)."""
-    alpha: float = 1e-7
-    """Merge weight of the reference delta; the update is weighted 1 - alpha. 0 = gradient dropout."""
-    merge_every: int = 1
-    """K of the paper's Algorithm 2: plain steps are accumulated and merged every K-th step."""
-    dare_rescale: bool = True
-    """Scale kept DARE elements by 1/p (reference code), making the sparsifier unbiased."""
-    l1_rescale: bool = False
-    """Scale the sparsified update to the L1 norm of the dense one, then clamp to [-1, 1]."""
-    reference_clamp: float | Literal["auto"] | None = "auto"
-    """Clamp the sparsified reference delta to [-c, c]; None disables it. 'auto' follows the reference
-    code: 1.0 for OnDARE (its ODAdamW clamps), None for OnTIES (its OTAdamW does not)."""
-    reference_mask: Literal["fixed", "resampled"] = "fixed"
-    """'fixed': the reference delta's mask is drawn once (reference code); 'resampled': every merge."""
-    sign_election: Literal["unweighted", "weighted"] = "unweighted"
-    """TIES consensus on raw sparsified terms (reference code) or on alpha-weighted ones (paper Eq. 7)."""
-    ties_scope: Literal["shard", "tensor"] = "shard"
-    """TIES top-p over the piece a rank owns (no collective) or over the whole tensor (exact)."""
-    seed: int = 0
-    """Key of the counter-based keep-masks; masks never depend on RNG stream state."""
-    weight_ema: float = 0.0
-    """Baseline, not a merge: keep an exponential moving average of the weights (paper: 1e-3)."""
+    # One default per setting: the Megatron-LM flags, the Hugging Face/TRL arguments and the trainer's
+    # YAML keys are generated from these fields, their defaults and their "help".
+    method: Method = field(default="dare", metadata={
+        "help": "dare (OnDARE: random keep-mask), ties (OnTIES: top-p and sign consensus) or none (plain AdamW). "
+                "The front-ends (Megatron-LM flags, Hugging Face arguments, trainer YAML) default to none, so that "
+                "adding them to a training script changes nothing until a method is chosen.",
+        # Read by the front-ends instead of `default`; the engine itself merges when it is built.
+        "front_end_default": "none",
+    })
+    keep_rate: float = field(default=0.01, metadata={
+        "help": "p: fraction of elements kept by the sparsifier (Bernoulli rate for DARE, top-p for TIES)."})
+    alpha: float = field(default=1e-7, metadata={
+        "help": "Merge weight of the reference delta; the update is weighted 1 - alpha. 0 = gradient dropout."})
+    merge_every: int = field(default=1, metadata={
+        "help": "K of the paper's Algorithm 2: plain steps are accumulated and merged every K-th step."})
+    dare_rescale: bool = field(default=True, metadata={
+        "help": "Scale kept DARE elements by 1/p (reference code), making the sparsifier unbiased."})
+    l1_rescale: bool = field(default=False, metadata={
+        "help": "Scale the sparsified update to the L1 norm of the dense one, then clamp to [-1, 1]."})
+    reference_clamp: float | Literal["auto"] | None = field(default="auto", metadata={
+        "help": "Clamp the sparsified reference delta to [-c, c]; None disables it. 'auto' follows the reference "
+                "code: 1.0 for OnDARE (its ODAdamW clamps), None for OnTIES (its OTAdamW does not)."})
+    reference_mask: Literal["fixed", "resampled"] = field(default="fixed", metadata={
+        "help": "'fixed': the reference delta's mask is drawn once (reference code); 'resampled': every merge."})
+    sign_election: Literal["unweighted", "weighted"] = field(default="unweighted", metadata={
+        "help": "TIES consensus on raw sparsified terms (reference code) or on alpha-weighted ones (paper Eq. 7)."})
+    ties_scope: Literal["shard", "tensor"] = field(default="shard", metadata={
+        "help": "TIES top-p over the piece a rank owns (no collective) or over the whole tensor (exact)."})
+    seed: int = field(default=0, metadata={
+        "help": "Key of the counter-based keep-masks; masks never depend on RNG stream state."})
+    weight_ema: float = field(default=0.0, metadata={
+        "help": "Baseline, not a merge: keep an exponential moving average of the weights (paper: 1e-3)."})
 
     def __post_init__(self) -> None:
         for key, allowed in _CHOICES.items():
@@ -106,6 +115,20 @@ class OnlineMergeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def union_from_text(annotation: Any, text: str) -> Any:
+    """A setting of a union type (``reference_clamp``: a number, 'auto' or None) given as text on a
+    command line: one of its words, 'none' (or 'off', '0': a bound of 0 is refused anyway) for
+    None, else a number. ValueError when it is none of these."""
+    members = typing.get_args(annotation)
+    word = text.lower()
+    if any(typing.get_origin(m) is Literal and word in typing.get_args(m) for m in members):
+        return word
+    if type(None) in members and word in ("none", "off", "0"):
+        return None
+    number = next(m for m in members if m in (int, float))
+    return number(text)
 
 
 class MergeCheckpointError(RuntimeError):

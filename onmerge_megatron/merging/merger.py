@@ -9,6 +9,10 @@ with this step's. Decoupled weight decay is the optimizer's business and happens
 
 The update is asked for only where it is needed: OnDARE needs it at the kept positions alone
 (about p of the elements), so a merged step costs no more than the moment updates.
+
+A fused implementation (kernels/adamw_merge.py) plugs in through `MergeHooks`, never by copying
+this file: it may have done the step-K part of a step in its dense pass, may offer top-k
+candidates, and may apply OnDARE's sparse terms itself. Everything else stays here.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from . import consensus, rng
 from .config import OnlineMergeConfig
 from .coords import ShardCoords
 from .reference import ReferenceDelta
-from .sparsify import Exchange, dare_rescale, l1_rescale, ties_positions
+from .sparsify import Candidates, TensorTopK, dare_rescale, l1_rescale, ties_positions, top_k_among, top_k_count
 
 
 class Update(Protocol):
@@ -103,30 +107,119 @@ class MergeStats:
         }
 
 
-def sparsified_update(
+def is_merge_step(config: OnlineMergeConfig, step: int) -> bool:
+    """The step-K schedule: step ``step`` (1-based) merges; on the other K - 1 of every K steps the
+    plain update is applied and accumulated."""
+    return config.merge_every == 1 or step % config.merge_every == 0
+
+
+def segment_top_k(config: OnlineMergeConfig, coords: ShardCoords, over_ranks: bool) -> int | None:
+    """k when a segment's TIES selection is the top k of its own elements with 1 <= k < numel (the
+    case where `MergeHooks.top_k_candidates` is consulted), else None (per-tensor selection
+    ``over_ranks``; or k covering nothing or everything)."""
+    if config.ties_scope == "tensor" and (over_ranks or coords.numel != coords.global_numel):
+        return None
+    k = top_k_count(coords.numel, config.keep_rate)
+    return k if 1 <= k < coords.numel else None
+
+
+class MergeHooks:
+    """Where a fused implementation takes over parts of one segment's merged step.
+
+    One instance per segment and step, returned by the optimizer's dense pass
+    (`OnlineMergingAdamW._dense_pass`) and handed to `merge_segment`, which calls each hook at the
+    point documented below. Every default takes nothing over, which is the engine's own path; a
+    hook that declines leaves its part to the engine, so the results never depend on it.
+    """
+
+    step_k_done: bool = False
+    """True when the dense pass already did this step's step-K part: on a non-merge step the plain
+    update applied and accumulated, on a merge step the accumulator rolled back."""
+
+    def top_k_candidates(self, k: int) -> Candidates | None:
+        """OnTIES, when the segment's own top k is selected (`segment_top_k`): positions claimed
+        to hold the top k of |update| (the update plus the accumulator on a step-K merge step).
+        The engine checks the claim (`sparsify.top_k_among`) and selects among them, or, when
+        None is returned or the check fails, over the whole segment."""
+        return None
+
+    def top_k_selected(self, magnitude: torch.Tensor, k: int, from_candidates: bool) -> None:
+        """Called after the selection that consulted `top_k_candidates`, with the magnitudes it
+        read: of the offered candidates (``from_candidates``) or of the whole segment. A kernel
+        predicts its next candidates from them."""
+
+    def add_dare_update(self, param: torch.Tensor, update: Update, weight: float, stats: MergeStats) -> bool:
+        """OnDARE: param += weight * F(update) with this step's keep-mask (rescaled and L1-rescaled
+        as configured), recording the kept count and squared norm in ``stats`` or in the
+        implementation's own counters. False: not done, the engine does it."""
+        return False
+
+    def add_dare_reference(self, param: torch.Tensor, reference: ReferenceDelta, weight: float, stats: MergeStats) -> bool:
+        """OnDARE: param += weight * F(reference delta) at this step's reference mask, recording
+        reference_kept and the squared norm in ``stats``. False: not done, the engine does it."""
+        return False
+
+
+_NO_HOOKS = MergeHooks()
+
+
+def _ties_positions(
+    update: Update, config: OnlineMergeConfig, name: str, coords: ShardCoords, tensor_top_k: TensorTopK | None, hooks: MergeHooks
+) -> torch.Tensor:
+    """TIES keep-positions of F(update), from the hooks' candidates where they provably suffice."""
+    k = segment_top_k(config, coords, tensor_top_k is not None)
+    if k is not None:
+        offered = hooks.top_k_candidates(k)
+        if offered is not None:
+            # Read off the Update itself, so the kept set is the engine's bit for bit.
+            magnitude = update.at(offered.positions).abs()
+            positions = top_k_among(magnitude, offered, k, coords.global_index)
+            if positions is not None:
+                hooks.top_k_selected(magnitude, k, True)
+                return positions
+    magnitude = update.magnitude()
+    positions = ties_positions(magnitude, config.keep_rate, config.ties_scope, coords, name, tensor_top_k)
+    if k is not None:
+        hooks.top_k_selected(magnitude, k, False)
+    return positions
+
+
+def _merge_dare(
+    param: torch.Tensor,
     update: Update,
     config: OnlineMergeConfig,
     name: str,
     coords: ShardCoords,
     step: int,
-    exchange: Exchange | None,
-    device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions, values) of F(update): DARE's random mask or TIES's top-p."""
-    if config.method == "dare":
-        positions = rng.keep_positions(config.seed, name, step, rng.STREAM_UPDATE, coords, config.keep_rate, device)
+    reference: ReferenceDelta | None,
+    hooks: MergeHooks,
+) -> MergeStats:
+    """Linear consensus needs no alignment of the two kept sets: theta += (1 - a) F(u), then += a F(r)."""
+    if config.alpha > 0.0 and reference is None:
+        raise ValueError(f"{name!r}: alpha={config.alpha} needs a reference delta; call set_reference_delta first")
+    stats = MergeStats(numel=param.numel(), merges=1)
+    weight = 1.0 - config.alpha
+    if not hooks.add_dare_update(param, update, weight, stats):
+        positions = rng.keep_positions(config.seed, name, step, rng.STREAM_UPDATE, coords, config.keep_rate, param.device)
         values = update.at(positions)
         if config.dare_rescale:
             values = dare_rescale(values, config.keep_rate)
-    else:
-        positions = ties_positions(update.magnitude(), config.keep_rate, config.ties_scope, coords, exchange, name)
-        values = update.at(positions)
-    if config.l1_rescale:
-        values = l1_rescale(values, update.dense())
-    return positions, values
+        if config.l1_rescale:
+            values = l1_rescale(values, update.dense())
+        step_update = values * weight
+        param[positions] += step_update
+        stats.kept = positions.numel()
+        stats.merged_sq = step_update.double().square().sum()
+    if config.alpha > 0.0 and not hooks.add_dare_reference(param, reference, config.alpha, stats):
+        reference_positions, reference_values = reference.kept(config, name, coords, step)
+        step_reference = reference_values * config.alpha
+        param[reference_positions] += step_reference
+        stats.reference_kept = reference_positions.numel()
+        stats.merged_sq = stats.merged_sq + step_reference.double().square().sum()
+    return stats
 
 
-def apply_merge(
+def apply_ties(
     param: torch.Tensor,
     positions: torch.Tensor,
     values: torch.Tensor,
@@ -136,7 +229,7 @@ def apply_merge(
     step: int,
     reference: ReferenceDelta | None,
 ) -> MergeStats:
-    """Add the consensus of F(update) (``values`` at ``positions``) and alpha F(reference_delta) to param."""
+    """Add the sign consensus of F(update) (``values`` at ``positions``) and alpha F(reference_delta) to param."""
     stats = MergeStats(numel=param.numel(), kept=positions.numel(), merges=1)
     if config.alpha > 0.0:
         if reference is None:
@@ -145,15 +238,6 @@ def apply_merge(
         stats.reference_kept = reference_positions.numel()
     else:
         reference_positions, reference_values = positions[:0], values[:0]
-
-    if config.method == "dare":
-        # Linear consensus needs no alignment of the two kept sets: theta += (1 - a) F(u), then += a F(r).
-        step_update = values * (1.0 - config.alpha)
-        param[positions] += step_update
-        step_reference = reference_values * config.alpha
-        param[reference_positions] += step_reference
-        stats.merged_sq = step_update.double().square().sum() + step_reference.double().square().sum()
-        return stats
     # Sign consensus in fp32 whatever the parameter dtype, on the union of the two kept sets (a
     # term not kept is 0). Both position lists are sorted, so they are aligned by a binary search.
     values, reference_values = values.float(), reference_values.float()
@@ -183,30 +267,42 @@ def merge_segment(
     step: int,
     reference: ReferenceDelta | None = None,
     accumulator: torch.Tensor | None = None,
-    exchange: Exchange | None = None,
+    tensor_top_k: TensorTopK | None = None,
     track_update_norm: bool = False,
+    hooks: MergeHooks | None = None,
 ) -> MergeStats:
     """Apply step ``step`` (1-based) of the online merge to ``param`` (1-D view of the segment), in place.
 
     ``accumulator`` is the step-K state (same shape as param; needed when merge_every > 1).
-    ``exchange`` gathers top-k candidates across ranks for ties_scope='tensor' on a shard.
+    ``tensor_top_k``: OnTIES per tensor on a piece of it, the tensor's threshold over all its
+    pieces (`merging.select.tensor_thresholds`, run by the optimizer for all tensors at once).
+    ``hooks``: the parts a fused implementation takes over (`MergeHooks`); None: none.
     """
+    hooks = hooks if hooks is not None else _NO_HOOKS
     if not config.merges:
         param.add_(update.dense())
         return MergeStats(numel=param.numel())
     if config.merge_every > 1:
         if accumulator is None:
             raise ValueError(f"{name!r}: merge_every={config.merge_every} needs an accumulator")
-        if step % config.merge_every != 0:
-            plain = update.dense()
-            param.add_(plain)
-            accumulator.add_(plain)
+        if not is_merge_step(config, step):
+            if not hooks.step_k_done:
+                plain = update.dense()
+                param.add_(plain)
+                accumulator.add_(plain)
             return MergeStats(numel=param.numel())
-        param.sub_(accumulator)  # roll back the plain updates; they are merged with this one
+        if not hooks.step_k_done:
+            param.sub_(accumulator)  # roll back the plain updates; they are merged with this one
         update = _WithAccumulator(update, accumulator)
 
-    positions, values = sparsified_update(update, config, name, coords, step, exchange, param.device)
-    stats = apply_merge(param, positions, values, config, name, coords, step, reference)
+    if config.method == "dare":
+        stats = _merge_dare(param, update, config, name, coords, step, reference, hooks)
+    else:
+        positions = _ties_positions(update, config, name, coords, tensor_top_k, hooks)
+        values = update.at(positions)
+        if config.l1_rescale:
+            values = l1_rescale(values, update.dense())
+        stats = apply_ties(param, positions, values, config, name, coords, step, reference)
     if track_update_norm:
         stats.update_sq = update.magnitude().double().square().sum()
     if config.merge_every > 1:

@@ -17,7 +17,7 @@ import torch
 from . import rng
 from .config import OnlineMergeConfig
 from .coords import ShardCoords
-from .sparsify import Exchange, dare_rescale, ties_positions
+from .sparsify import TensorTopK, dare_rescale, ties_positions
 
 
 def _finish(values: torch.Tensor, config: OnlineMergeConfig) -> torch.Tensor:
@@ -52,9 +52,10 @@ class ReferenceDelta:
         config: OnlineMergeConfig,
         name: str,
         coords: ShardCoords,
-        exchange: Exchange | None = None,
+        tensor_top_k: TensorTopK | None = None,
     ) -> "ReferenceDelta":
-        """Sparsify a segment's delta (1-D, coords.numel elements) once, at setup."""
+        """Sparsify a segment's delta (1-D, coords.numel elements) once, at setup; ``tensor_top_k``:
+        OnTIES per tensor on a piece of it (see `sparsify.ties_positions`)."""
         delta = delta.detach().reshape(-1).to(torch.float32)
         if delta.numel() != coords.numel:
             raise ValueError(f"reference delta for {name!r}: expected {coords.numel} elements for this shard, got {delta.numel()}")
@@ -66,7 +67,7 @@ class ReferenceDelta:
                 return cls(values=delta.new_empty(0), dense=delta.clone())
             positions = reference_positions(config, name, coords, 0, delta.device)
             return cls(values=_finish(delta[positions], config))
-        positions = ties_positions(delta.abs(), config.keep_rate, config.ties_scope, coords, exchange, name)
+        positions = ties_positions(delta.abs(), config.keep_rate, config.ties_scope, coords, name, tensor_top_k)
         return cls(values=_finish(delta[positions], config), positions=positions.to(torch.int32 if coords.numel < 2**31 else torch.int64))
 
     def kept(self, config: OnlineMergeConfig, name: str, coords: ShardCoords, step: int) -> tuple[torch.Tensor, torch.Tensor]:

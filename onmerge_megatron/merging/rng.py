@@ -58,8 +58,9 @@ def mask_key(seed: int, name: str) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=16)
-def _gap_tables(keep_rate: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer thresholds of the geometric(p) gap on a 32-bit word, and a lookup by the top 16 bits.
+def gap_tables(keep_rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer thresholds of the geometric(p) gap on a 32-bit word, and a lookup by the top 16 bits
+    (CPU, int64). Public because a fused kernel drawing the same masks must read the same tables.
 
     gap(w) = 1 + #{g : thresholds[g] <= w}, thresholds[g - 1] = ceil((1 - (1 - p)^g) * 2^32), which is
     P(gap <= g) to within 2^-32. A word's top 16 bits pin its gap down unless a threshold falls
@@ -77,7 +78,7 @@ def _gap_tables(keep_rate: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 @functools.lru_cache(maxsize=16)
 def _gap_tables_on(keep_rate: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(t.to(device) for t in _gap_tables(keep_rate))
+    return tuple(t.to(device) for t in gap_tables(keep_rate))
 
 
 def _gaps(words: torch.Tensor, keep_rate: float) -> torch.Tensor:

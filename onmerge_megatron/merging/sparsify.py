@@ -61,7 +61,25 @@ def above_threshold(magnitude: torch.Tensor, threshold: TopKThreshold | None, gl
     return kept
 
 
-_SAMPLE = 1 << 14
+SAMPLE = 1 << 14
+"""Elements in the strided sample `sample_cut` reads (segments above 4x this are sampled)."""
+
+
+def sample_cut(magnitude: torch.Tensor, k: int, depth: float) -> torch.Tensor:
+    """A magnitude about ``depth * k`` elements deep into ``magnitude`` (0-d tensor), read off a
+    strided sample when the tensor is large (above 4 * SAMPLE elements), exactly otherwise.
+
+    The rank asked of the sample is raised by four standard deviations plus 16, so the cut lies
+    below the k-th largest with high probability; callers check that it does.
+    """
+    n = magnitude.numel()
+    if n > 4 * SAMPLE:
+        sample = magnitude[:: n // SAMPLE]
+        expected = k / n * sample.numel()
+        rank = min(sample.numel(), int(depth * expected + 4.0 * expected**0.5 + 16))
+        return torch.kthvalue(sample, sample.numel() - rank + 1).values
+    rank = min(n, int(depth * k) + 16)
+    return torch.kthvalue(magnitude, n - rank + 1).values
 
 
 def _candidates(magnitude: torch.Tensor, k: int) -> torch.Tensor:
@@ -72,16 +90,39 @@ def _candidates(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     than k survive) every position is a candidate, so the result is exact either way.
     """
     n = magnitude.numel()
-    if n <= 4 * _SAMPLE:
+    if n <= 4 * SAMPLE:
         return torch.arange(n, device=magnitude.device)
-    sample = magnitude[:: n // _SAMPLE]
-    expected = k / n * sample.numel()
-    rank = min(sample.numel(), int(1.25 * expected + 4.0 * expected**0.5 + 16))
-    cut = torch.kthvalue(sample, sample.numel() - rank + 1).values
-    candidates = torch.nonzero(magnitude >= cut).squeeze(1)
+    candidates = torch.nonzero(magnitude >= sample_cut(magnitude, k, 1.25)).squeeze(1)
     if candidates.numel() < k:
         return torch.arange(n, device=magnitude.device)
     return candidates
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Positions offered as holding a segment's top k, with a proof obligation: every position
+    left out has a magnitude below ``bound``. They hold the top k when at least k are offered and
+    the k-th largest of them is at least ``bound`` (`top_k_among` checks both)."""
+
+    positions: torch.Tensor
+    """Sorted ascending (int64)."""
+    bound: float
+
+
+def top_k_among(magnitude: torch.Tensor, candidates: Candidates, k: int, global_index: IndexMap) -> torch.Tensor | None:
+    """`top_k_positions` of the whole segment, taken among ``candidates`` alone, whose magnitudes
+    are ``magnitude``; None when the candidates cannot be proven to hold the whole top k."""
+    offered = candidates.positions
+    if offered.numel() < k:
+        return None
+    index_of_offered = lambda pos: global_index(offered[pos])  # noqa: E731
+    threshold = top_k_threshold(magnitude, k, index_of_offered)
+    kth = threshold.magnitude if threshold is not None else float(magnitude.min())
+    # Every element left out is below the bound; if the k-th largest offered is not, none of them
+    # can be in the top k, and the tie-break among equal magnitudes is decided among the offered.
+    if not kth >= candidates.bound:
+        return None
+    return offered[above_threshold(magnitude, threshold, index_of_offered)]
 
 
 def top_k_positions(magnitude: torch.Tensor, k: int, global_index: IndexMap) -> torch.Tensor:
@@ -94,35 +135,12 @@ def top_k_positions(magnitude: torch.Tensor, k: int, global_index: IndexMap) -> 
     return candidates[above_threshold(sub, top_k_threshold(sub, k, index_of_sub), index_of_sub)]
 
 
-Exchange = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-"""Gathers (magnitudes, global indices) of candidates from every piece of a tensor."""
+@dataclass(frozen=True)
+class TensorTopK:
+    """A tensor's top-k threshold, found over all its pieces on all ranks (`merging.select`)."""
 
-
-def _unique_first(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distinct indices and the position of one occurrence of each."""
-    unique, inverse = torch.unique(indices, return_inverse=True)
-    first = torch.empty_like(unique).scatter_(0, inverse, torch.arange(indices.numel(), device=indices.device))
-    return unique, first
-
-
-def tensor_positions(magnitude: torch.Tensor, k: int, global_index: IndexMap, exchange: Exchange) -> torch.Tensor:
-    """Positions of this piece's elements among the whole tensor's top k, the tensor split over ranks.
-
-    The global top k lies inside the union of each piece's own top k, so each rank offers at most
-    k candidates and every rank derives the same threshold from the gathered union. ``k`` is the
-    tensor's, the same on every rank, so all ranks take the same branches and collectives.
-    """
-    if k < 1:  # the reference rule: nothing is masked
-        return torch.arange(magnitude.numel(), device=magnitude.device)
-    local = top_k_positions(magnitude, k, global_index)
-    values, indices = exchange(magnitude[local], global_index(local))
-    # Replicas (a rank holding the whole tensor beside others) offer the same elements twice.
-    indices, first = _unique_first(indices)
-    threshold = top_k_threshold(values[first], k, lambda pos: indices[pos])
-    if threshold is None:  # k covers every candidate, so every candidate is kept
-        return local
-    index_of_local = lambda pos: global_index(local[pos])  # noqa: E731
-    return local[above_threshold(magnitude[local], threshold, index_of_local)]
+    threshold: TopKThreshold | None
+    """None: every element of the tensor is kept (k < 1 or k >= numel)."""
 
 
 def ties_positions(
@@ -130,18 +148,19 @@ def ties_positions(
     keep_rate: float,
     scope: str,
     coords: "ShardCoords",
-    exchange: Exchange | None,
     name: str,
+    tensor_top_k: TensorTopK | None = None,
 ) -> torch.Tensor:
     """TIES keep-positions of a segment: top-p over the segment ('shard') or the whole tensor ('tensor').
 
-    With 'tensor', whether to exchange depends only on whether a group is given, never on the size
-    of this rank's piece: every rank of the group must take part, even one holding all or nothing.
+    With 'tensor' on a piece of a tensor, the tensor's threshold comes from all its pieces
+    (``tensor_top_k``, found by `merging.select.tensor_thresholds`); a segment holding the whole
+    tensor finds it alone.
     """
-    if scope == "tensor" and exchange is not None:
-        return tensor_positions(magnitude, top_k_count(coords.global_numel, keep_rate), coords.global_index, exchange)
+    if tensor_top_k is not None:
+        return above_threshold(magnitude, tensor_top_k.threshold, coords.global_index)
     if scope == "tensor" and coords.numel != coords.global_numel:
-        raise ValueError(f"{name!r}: ties_scope='tensor' on a shard needs the process group holding the tensor's pieces")
+        raise ValueError(f"{name!r}: ties_scope='tensor' on a shard needs the process group holding the tensor's pieces (a TensorGroup in its Segment)")
     return top_k_positions(magnitude, top_k_count(coords.numel, keep_rate), coords.global_index)
 
 

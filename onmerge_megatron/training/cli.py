@@ -11,24 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 from .config import ConfigError, load_config
-
-
-def quiet_library_warnings() -> None:
-    """Deprecation chatter from torch.distributed.checkpoint, megatron-core and mbridge on every rank."""
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    for module in ("megatron", "mbridge", "torch.distributed", "transformer_engine"):
-        warnings.filterwarnings("ignore", category=UserWarning, module=module)
-    import logging
-
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-    # "common state dict differs" between ranks is expected with the memory-efficient optimizer save.
-    logging.getLogger("megatron.core.dist_checkpointing").setLevel(logging.ERROR)
-    # Megatron-LM initialises its rerun state machine explicitly; as a library we take the default.
-    logging.getLogger("megatron.core.rerun_state_machine").setLevel(logging.ERROR)
+from .parallel import quiet_library_warnings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_warnings()
     train = args.command == "train"
     if args.command == "convert-hf":
-        from .loop import convert_hf_to_megatron
+        from .export import convert_hf_to_megatron
 
         convert_hf_to_megatron(args.hf, args.out, args.tensor_parallel, args.pipeline_parallel)
         import torch.distributed as dist
@@ -85,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
-    from .loop import Trainer, is_rank0
+    from .loop import Trainer
+    from .parallel import is_rank0
 
     result = Trainer(cfg).train()
     if is_rank0():

@@ -2,20 +2,28 @@
 
 Everything that can be checked without touching data or weights is checked here, before any
 process group is created: unknown keys, wrong types, missing files, and parallel sizes that do
-not divide the world size. Errors name the dotted key (e.g. `parallel.tensor_parallel`).
+not divide the world size. Errors name the dotted key (e.g. `parallel.tensor_parallel`), what was
+expected and what was given, and for a value in the YAML file its line.
+
+Types are checked by pydantic v2 in strict mode, against models generated from these dataclasses:
+it is already installed with DeepSpeed, it refuses '3' for an int, true for a number and nan, and
+it validates Literal and union types, which OmegaConf's structured configs do not support.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
+import pydantic
 import yaml
 
 from onmerge_megatron.merging.config import OnlineMergeConfig
@@ -139,7 +147,7 @@ class MergeConfig:
     """Online merging (OnDARE/OnTIES). `online` holds the engine's settings (docs/algorithm.md);
     in a training config `merge.online.method` defaults to 'none' (plain AdamW) unless set."""
 
-    online: OnlineMergeConfig = field(default_factory=lambda: OnlineMergeConfig(method="none"))
+    online: OnlineMergeConfig = field(default_factory=lambda: OnlineMergeConfig(**_front_end_defaults(OnlineMergeConfig)))
     base_hf_path: str | None = _path()
     """Base (pre-SFT) model in HF format: tau = initial weights - base."""
     base_megatron_load: str | None = _path()
@@ -220,68 +228,131 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}")
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}': expected a list, got {value!r} ({type(value).__name__})")
-        (item_tp,) = typing.get_args(tp)
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is type(None):
-        if value is None:
-            return None
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:
-        raise ConfigError(f"config key '{key}': unsupported annotation {tp!r}")
-    raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+_STRICT = pydantic.ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, protected_namespaces=())
 
 
-def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
-    if not isinstance(values, Mapping):
-        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {values!r}")
+@functools.cache
+def _schema(cls: type) -> type[pydantic.BaseModel]:
+    """A strict pydantic model with the dataclass's fields (a nested section is a nested model).
+    Every field defaults to None and is read back with exclude_unset, so an omitted key takes the
+    dataclass's own default: the defaults live in the dataclasses alone."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        names = ", ".join(f"'{prefix}{k}'" for k in unknown)
-        raise ConfigError(f"unknown config key {names}; valid keys here: {sorted(fields)}")
-    kwargs = {}
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        fields[f.name] = (_schema(tp) if dataclasses.is_dataclass(tp) else tp, None)
+    return pydantic.create_model(f"{cls.__name__}Schema", __config__=_STRICT, **fields)
+
+
+def _front_end_defaults(cls: type) -> dict[str, Any]:
+    """Defaults the front-ends use instead of the dataclass's (OnlineMergeConfig.method: 'none')."""
+    return {f.name: f.metadata["front_end_default"] for f in dataclasses.fields(cls) if "front_end_default" in f.metadata}
+
+
+_Locate = Callable[[tuple], str]
+"""Where a key (a path of names and list indices) was written: 'file.yaml:LINE: ', or '' (--set, a dict)."""
+
+
+def _construct(cls: type, values: Mapping[str, Any], loc: tuple, where: _Locate) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = _front_end_defaults(cls)
     for name, value in values.items():
         tp = hints[name]
-        key = prefix + name
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, key + ".")
-        else:
-            kwargs[name] = _coerce(value, tp, key)
+        kwargs[name] = _construct(tp, value, loc + (name,), where) if dataclasses.is_dataclass(tp) else value
     try:
         return cls(**kwargs)
     except ValueError as exc:  # the engine's own validation (OnlineMergeConfig)
-        raise ConfigError(f"config section '{prefix.rstrip('.')}': {exc}") from None
+        raise ConfigError(f"{where(loc)}config section '{'.'.join(loc)}': {exc}") from None
+
+
+def _config_error(exc: pydantic.ValidationError, where: _Locate) -> ConfigError:
+    """pydantic's first error, as: [file:line: ]config key 'a.b': expected <type>, got <value>."""
+    errors = exc.errors()
+    unknown = [e["loc"] for e in errors if e["type"] == "extra_forbidden"]
+    if unknown:  # all the unknown keys of the first section that has some
+        section = unknown[0][:-1]
+        names = ", ".join(f"'{_dotted(loc)}'" for loc in unknown if loc[:-1] == section)
+        valid = sorted(f.name for f in dataclasses.fields(_leaf(section)[2]))
+        return ConfigError(f"{where(unknown[0])}unknown config key {names}; valid keys here: {valid}")
+    value = errors[0]["input"]
+    path, tp, section = _leaf(errors[0]["loc"])
+    at = where(path) + f"config key '{_dotted(path) or '<root>'}'"
+    if section is not None:
+        return ConfigError(f"{at}: expected a mapping, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        return ConfigError(f"{at}: expected a finite number, got {value!r}")
+    if typing.get_origin(tp) is Literal:
+        return ConfigError(f"{at}: expected {_type_name(tp)}, got {value!r}")
+    return ConfigError(f"{at}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _dotted(path: tuple) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+
+
+def _leaf(loc: tuple) -> tuple[tuple, Any, type | None]:
+    """The key of a pydantic error location (names and list indices), the annotation there, and the
+    dataclass when the key is a section. Names after the key are pydantic's tags of a union's members."""
+    path, tp, section = (), None, TrainConfig
+    for part in loc:
+        if isinstance(part, int):  # a list item
+            path, tp = path + (part,), typing.get_args(tp)[0]
+        elif section is not None and part in {f.name for f in dataclasses.fields(section)}:
+            path, tp = path + (part,), typing.get_type_hints(section)[part]
+            section = tp if dataclasses.is_dataclass(tp) else None
+    return path, tp, section
+
+
+def _from_tree(tree: Any, where: _Locate) -> TrainConfig:
+    if not isinstance(tree, Mapping):
+        raise ConfigError(f"{where(())}config key '<root>': expected a mapping, got {tree!r}")
+    try:
+        checked = _schema(TrainConfig).model_validate(tree)
+    except pydantic.ValidationError as exc:
+        raise _config_error(exc, where) from None
+    return _construct(TrainConfig, checked.model_dump(exclude_unset=True), (), where)
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where 5e-7 (no dot) is a string; YAML 1.2 and config authors mean a float."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _read_yaml(path: str) -> tuple[dict[str, Any], dict[tuple, int]]:
+    """The file's mapping, and the line of each key and list item in it (for error messages)."""
+    with open(path) as f:
+        loader = _YamlLoader(f.read())
+    try:
+        node = loader.get_single_node()
+        tree = loader.construct_document(node) if node is not None else {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    finally:
+        loader.dispose()
+    lines: dict[tuple, int] = {}
+
+    def visit(node: yaml.Node, loc: tuple) -> None:
+        items = []
+        if isinstance(node, yaml.MappingNode):
+            items = [(loc + (key.value,), key, value) for key, value in node.value]
+        elif isinstance(node, yaml.SequenceNode):
+            items = [(loc + (i,), item, item) for i, item in enumerate(node.value)]
+        for sub, mark_node, value in items:
+            lines[sub] = mark_node.start_mark.line + 1
+            visit(value, sub)
+
+    if node is not None:
+        visit(node, ())
+        lines[()] = node.start_mark.line + 1
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}:{lines[()]}: config key '<root>': expected a mapping, got {tree!r}")
+    return tree, lines
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -303,33 +374,11 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml.load(raw, Loader=_YamlLoader) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        # YAML 1.1 reads '5e-7' (no dot) as a string; such strings are meant as numbers.
-        if isinstance(value, str):
-            try:
-                value = float(value) if any(c in value for c in "eE.") else value
-            except ValueError:
-                pass
         parsed.append((key.strip(), value))
     return parsed
-
-
-def _fix_yaml_floats(node: Any) -> Any:
-    """PyYAML reads 5e-7 as a string (YAML 1.1 wants a dot); such strings are numbers."""
-    if isinstance(node, dict):
-        return {k: _fix_yaml_floats(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_fix_yaml_floats(v) for v in node]
-    if isinstance(node, str):
-        s = node.strip()
-        if s and (s[0].isdigit() or s[0] in "+-.") and ("e" in s or "E" in s):
-            try:
-                return float(s)
-            except ValueError:
-                return node
-    return node
 
 
 def load_config(
@@ -339,26 +388,32 @@ def load_config(
     check_paths: bool = True,
     check_devices: bool = False,
 ) -> TrainConfig:
-    """Read YAML, apply `--set` overrides, type-check, then validate (see `validate`)."""
+    """Read YAML, apply `--set` overrides, type-check, then validate (see `validate`). Type errors in
+    the file name its line."""
     tree: dict[str, Any] = {}
+    lines: dict[tuple, int] = {}
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
-        with open(path) as f:
-            try:
-                tree = yaml.safe_load(f) or {}
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        tree = _fix_yaml_floats(tree)
+        tree, lines = _read_yaml(path)
+    overridden = set()
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
-    cfg = config_from_dict(tree)
+        overridden.add(tuple(key.split(".")))
+
+    def where(key: tuple) -> str:
+        if any(key[:len(o)] == o or o[:len(key)] == key for o in overridden):
+            return ""  # (part of) the value came from --set, which the user has in front of them
+        return f"{path}:{lines[key]}: " if key in lines else ""
+
+    cfg = _from_tree(tree, where)
     validate(cfg, world_size=world_size, check_paths=check_paths, check_devices=check_devices)
     return cfg
 
 
 def config_from_dict(tree: Mapping[str, Any]) -> TrainConfig:
-    return _build(TrainConfig, tree, "")
+    """Type-check a config given as nested dicts (as load_config does with a YAML file)."""
+    return _from_tree(tree, lambda loc: "")
 
 
 def _check_paths(obj: Any, prefix: str) -> None:
@@ -502,7 +557,7 @@ def dump_config(cfg: TrainConfig, path: str) -> None:
 
 
 def _field_docs(cls: type) -> dict[str, str]:
-    """The string literal under each field of a dataclass (its attribute docstring)."""
+    """Each field's meaning: its metadata "help" (OnlineMergeConfig), else the string literal under it."""
     import ast
     import inspect
     import textwrap
@@ -514,10 +569,13 @@ def _field_docs(cls: type) -> dict[str, str]:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             if isinstance(after, ast.Expr) and isinstance(getattr(after, "value", None), ast.Constant) and isinstance(after.value.value, str):
                 docs[node.target.id] = " ".join(after.value.value.split())
+    docs.update({f.name: " ".join(f.metadata["help"].split()) for f in dataclasses.fields(cls) if "help" in f.metadata})
     return docs
 
 
 def _default_text(f: dataclasses.Field) -> str:
+    if "front_end_default" in f.metadata:
+        return json.dumps(f.metadata["front_end_default"])
     if f.default is not dataclasses.MISSING:
         return "null" if f.default is None else json.dumps(f.default)
     if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]

@@ -115,11 +115,10 @@ def _mbridge_on_cpu() -> None:
         return
     import mbridge.core.util as util
 
-    from onmerge_megatron.megatron import cpu
+    from onmerge_megatron.megatron.compat import CPU_TORCH
 
-    stand_in = getattr(cpu, "_CPU_TORCH", None)
-    if stand_in is not None and util.torch is torch:
-        util.torch = stand_in
+    if util.torch is torch:
+        util.torch = CPU_TORCH
 
 
 def export_hf(bridge: Any, models: list[torch.nn.Module], out_dir: str, tokenizer: Any | None = None) -> None:

@@ -16,20 +16,22 @@ import hashlib
 import json
 import os
 from functools import partial
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
 from .checkpoints import atomic_open, brief, file_sha256
-from .data import Example, eval_microbatches
+from .config import TrainConfig
+from .data import Batch, Example, eval_microbatches
+from .parallel import device
 
-if TYPE_CHECKING:
-    from .loop import Trainer
+# megatron's forward_step_func with the loss function bound first: (loss_fn, data_iterator, model)
+# -> (output, loss function of the micro-batch); ForwardBackward.forward_step is one.
+ForwardStep = Callable[[Callable, Iterator[Batch], torch.nn.Module], tuple[torch.Tensor, Callable]]
 
 
-def fingerprint(trainer: "Trainer", split: str, files: Sequence[str], n_examples: int) -> str:
-    cfg = trainer.cfg
+def fingerprint(cfg: TrainConfig, split: str, files: Sequence[str], n_examples: int, with_kl: bool) -> str:
     m, d = cfg.model, cfg.data
     weights = m.hf_path if m.load_format == "hf" else m.megatron_load
     weight_files = []
@@ -44,7 +46,7 @@ def fingerprint(trainer: "Trainer", split: str, files: Sequence[str], n_examples
         "tokenizer": os.path.abspath(m.tokenizer_path or m.hf_path), "format": d.format,
         "max_length": d.max_length, "max_prompt_length": d.max_prompt_length, "chat": d.use_chat_template,
         "eval_fraction": d.eval_fraction, "seed": cfg.run.seed if not d.eval_files else None,
-        "kl": trainer.with_kl, "dtype": m.dtype,
+        "kl": with_kl, "dtype": m.dtype,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -55,42 +57,46 @@ def _collect(batch: Any, output: torch.Tensor):
 
 
 @torch.no_grad()
-def compute_reference_logps(trainer: "Trainer", examples: Sequence[Example]) -> torch.Tensor:
-    """[N, columns] float64 sequence log-probs of `examples` under the current weights."""
+def compute_reference_logps(forward_step: ForwardStep, make_batch: Callable[[list[int]], Batch], model: list[torch.nn.Module],
+                            n_examples: int, micro_batch_size: int, columns: int) -> torch.Tensor:
+    """[n_examples, columns] float64 sequence log-probs under the current weights of `model`, run
+    through megatron's schedule with `forward_step`; `make_batch(ids)` collates examples `ids`."""
+    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    columns = 2 if (trainer.kind == "pairs" or trainer.with_kl) else 1
-    table = torch.zeros(len(examples), columns, dtype=torch.float64)
-    for chunk in trainer.model:
+    table = torch.zeros(n_examples, columns, dtype=torch.float64)
+    for chunk in model:
         chunk.eval()
-    mbs = eval_microbatches(len(examples), trainer.cfg.parallel.micro_batch_size, trainer.dp_size, trainer.dp_rank)
-    if trainer.pp_size > 1:
+    mbs = eval_microbatches(n_examples, micro_batch_size, ps.get_data_parallel_world_size(), ps.get_data_parallel_rank())
+    if ps.get_pipeline_model_parallel_world_size() > 1:
         # Fixed shapes under pipeline parallelism: pad the short tail by repeating its first id.
-        mbs = [mb + [mb[0]] * (trainer.cfg.parallel.micro_batch_size - len(mb)) for mb in mbs]
-    batches = [trainer.make_batch(examples, mb, split=None) for mb in mbs]
+        mbs = [mb + [mb[0]] * (micro_batch_size - len(mb)) for mb in mbs]
+    batches = [make_batch(mb) for mb in mbs]
     if batches:
         results = get_forward_backward_func()(
-            forward_step_func=partial(trainer._forward_step, _collect),
-            data_iterator=iter(batches), model=trainer.model, num_microbatches=len(batches),
+            forward_step_func=partial(forward_step, _collect),
+            data_iterator=iter(batches), model=model, num_microbatches=len(batches),
             seq_length=batches[0].input_ids.shape[1], micro_batch_size=batches[0].input_ids.shape[0],
             forward_only=True,
         )
-        if trainer.is_last_stage and trainer.tp_rank == 0:
+        if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
             for item in results:
                 ids, logps = item["ids"], item["logps"]
                 table[ids] = logps.view(columns, len(ids)).t()
     # Rows are filled once (by one rank each); a sum over all ranks assembles the table everywhere.
-    total = table.to(trainer.dev)
+    total = table.to(device())
     dist.all_reduce(total)
     return total.cpu()
 
 
-def cached_reference_logps(trainer: "Trainer", split: str, examples: Sequence[Example], files: Sequence[str]) -> torch.Tensor:
-    """Load the cache for `split` if its fingerprint matches, else compute and store it."""
+def cached_reference_logps(cfg: TrainConfig, split: str, examples: Sequence[Example], files: Sequence[str], with_kl: bool,
+                           compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Load the cache for `split` from output_dir if its fingerprint matches, else `compute()`
+    the table and store it."""
     if not examples:
         return torch.zeros(0, 2, dtype=torch.float64)
-    path = os.path.join(trainer.out, "reference_logps", f"{split}.pt")
-    key = fingerprint(trainer, split, files, len(examples))
+    path = os.path.join(cfg.run.output_dir, "reference_logps", f"{split}.pt")
+    key = fingerprint(cfg, split, files, len(examples), with_kl)
     if os.path.isfile(path):
         try:
             stored = torch.load(path, map_location="cpu", weights_only=True)
@@ -104,7 +110,7 @@ def cached_reference_logps(trainer: "Trainer", split: str, examples: Sequence[Ex
             return stored["logps"]
     if dist.get_rank() == 0:
         print(f"reference log-probs ({split}): computing {len(examples)} examples with the initial weights", flush=True)
-    table = compute_reference_logps(trainer, examples)
+    table = compute()
     if dist.get_rank() == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with atomic_open(path, "wb") as f:

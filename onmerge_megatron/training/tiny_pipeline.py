@@ -176,13 +176,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--merge", choices=("dare", "ties"), default="dare", help="online merge of the DPO stage")
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain-AdamW DPO run used for comparison")
     args = parser.parse_args(argv)
-    from .cli import quiet_library_warnings
+    from .parallel import quiet_library_warnings
 
     quiet_library_warnings()
     t0 = time.time()
     timings: dict[str, float] = {}
 
-    from .loop import Trainer, init_distributed
+    from .loop import Trainer
+    from .parallel import init_distributed
 
     sft_cfg, dpo_cfg = stage_configs(args.out, args.data, os.path.join(args.out, "base"), args.sft_steps, args.dpo_steps)
     cfg = config_from_dict(sft_cfg)

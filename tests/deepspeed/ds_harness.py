@@ -1,7 +1,7 @@
-"""Runs DeepSpeed training scenarios in 2 gloo processes; the tests compare their results with
+"""Runs DeepSpeed training scenarios in 2 gloo processes (``run_scenarios`` through the tests'
+multi-process harness, see ds_reference.run_harness); the tests compare their results with
 single-process OnlineMergingAdamW runs computed independently (see test_ds_zero.py).
 
-Usage: python ds_harness.py OUT.pt SCENARIOS.json [WORLD]   (spawns WORLD ranks itself, default 2)
 Every scenario trains the same tiny network on deterministic data and reports, from rank 0, the
 full fp32 master weights as DeepSpeed assembles them (safe_get_full_fp32_param, DeepSpeed's own
 gather, not the adapter's fragment map) and the Adam step count of every flat partition.
@@ -10,9 +10,6 @@ gather, not the adapter's fragment map) and the Adam step count of every flat pa
 from __future__ import annotations
 
 import importlib
-import json
-import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,7 +24,6 @@ WORLD = 2
 LR = 2e-2
 WEIGHT_DECAY = 0.01
 MICRO_BATCH = 4
-THREADS = 1  # per rank; the single-process references use it too (a matmul's bits depend on it)
 
 
 class Scale(torch.nn.Module):
@@ -281,40 +277,19 @@ def run_scenario(scenario: dict[str, Any], rank: int, workdir: Path) -> dict[str
     return _report(engine, handle)
 
 
-def _worker(rank: int, world: int, port: int, out: str, scenarios: list[dict[str, Any]]) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def run_scenarios(rank: int, world: int, scenarios: list[dict[str, Any]], workdir: str) -> dict[str, Any] | None:
+    """Every scenario on this rank; rank 0 returns the results by scenario id."""
     import deepspeed
 
     # The shared-memory comm op is JIT-built with g++ on first use (minutes); gloo needs none.
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda *args, **kwargs: None
-    deepspeed.init_distributed(dist_backend="gloo")
-    torch.set_num_threads(THREADS)
+    deepspeed.init_distributed(dist_backend="gloo")  # adopts the harness's process group
     results = {}
     for scenario in scenarios:
         try:
-            results[scenario["id"]] = run_scenario(scenario, rank, Path(out).parent)
+            results[scenario["id"]] = run_scenario(scenario, rank, Path(workdir))
         except Exception as exc:  # reported per scenario so that one failure does not hide the rest
             import traceback
 
             results[scenario["id"]] = {"error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}
-    if rank == 0:
-        torch.save(results, out)
-    # Leave together: a rank exiting while the other is still inside gloo aborts it.
-    import torch.distributed as dist
-
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-if __name__ == "__main__":
-    import torch.multiprocessing as mp
-
-    out_path, scenarios_json = sys.argv[1], sys.argv[2]
-    world = int(sys.argv[3]) if len(sys.argv) > 3 else WORLD
-    mp.spawn(_worker, args=(world, free_port(), out_path, json.loads(Path(scenarios_json).read_text())), nprocs=world)
+    return results if rank == 0 else None

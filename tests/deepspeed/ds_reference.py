@@ -6,10 +6,7 @@ documented partitioning rules, only to express what "per-shard TIES" means on on
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +14,8 @@ import torch
 
 from onmerge_megatron import OnlineMergeConfig, OnlineMergingAdamW, Segment, ShardCoords
 
-from distributed import torch_threads
-from ds_harness import LR, THREADS, WEIGHT_DECAY, WORLD, base_weights, build_model, full_batch, loss_fn, param_groups
+from distributed import THREADS, run_distributed, torch_threads
+from ds_harness import LR, WEIGHT_DECAY, WORLD, base_weights, build_model, full_batch, loss_fn, param_groups, run_scenarios
 
 
 def zero_pieces(stage: int, model: torch.nn.Module, world: int = WORLD) -> dict[str, list[tuple[int, int]]]:
@@ -121,7 +118,6 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
-HARNESS = Path(__file__).with_name("ds_harness.py")
 DARE = {"method": "dare", "keep_rate": 0.3, "alpha": 0.2}
 TIES_SHARD = {"method": "ties", "keep_rate": 0.3, "alpha": 0.2, "ties_scope": "shard"}
 TIES_TENSOR = {"method": "ties", "keep_rate": 0.3, "alpha": 0.2, "ties_scope": "tensor"}
@@ -130,11 +126,7 @@ METHODS = {"dare": DARE, "ties_shard": TIES_SHARD, "ties_tensor": TIES_TENSOR, "
 
 
 def run_harness(tmp: Path, scenarios: list[dict[str, Any]], world: int = 2, timeout: int = 300) -> dict[str, Any]:
-    spec, out = tmp / "scenarios.json", tmp / "results.pt"
-    spec.write_text(json.dumps(scenarios))
-    done = subprocess.run([sys.executable, str(HARNESS), str(out), str(spec), str(world)], capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0 or not out.is_file():
-        raise AssertionError(f"harness failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
-    return torch.load(out, weights_only=False)
+    """Every scenario in one launch of ``world`` DeepSpeed ranks; rank 0's results by scenario id."""
+    return run_distributed(run_scenarios, world, scenarios, str(tmp), timeout=timeout)[0]
 
 

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 
 from onmerge_megatron import OnlineMergeConfig, OnlineMergingAdamW
 from onmerge_megatron.deepspeed.hf import OnlineMergeArguments, install_on_parameters
-from onmerge_megatron.deepspeed.sources import weight_source
+from onmerge_megatron.merging.coords import ShardCoords
+from onmerge_megatron.merging.sources import weight_source
 
 MERGE = {"method": "dare", "keep_rate": 0.3, "alpha": 0.2, "merge_every": 2}
 
@@ -27,11 +28,17 @@ def test_safetensors_source_reads_flat_ranges(tmp_path: Path) -> None:
         for start, end in [(0, flat.numel()), (4, 23), (15, 16), (30, 30), (flat.numel() - 3, flat.numel())]:
             if end > flat.numel():
                 continue
-            assert torch.equal(source.read(name, tuple(t.shape), start, end), flat[start:end])
+            assert torch.equal(source.read(name, ShardCoords.flat_range(t.shape, start, end)), flat[start:end])
+    # A row block of a TP-style split, and a flat range inside it (a Megatron DP shard of a TP block).
+    w = tensors["w"]
+    block = ShardCoords.block((7, 5, 3), (3, 5, 3), (2, 0, 0))
+    assert torch.equal(source.read("w", block), w[2:5].reshape(-1))
+    column = ShardCoords.block((7, 5, 3), (7, 2, 3), (0, 3, 0), start=4, end=33)
+    assert torch.equal(source.read("w", column), w[:, 3:5].reshape(-1)[4:33])
     with pytest.raises(ValueError, match="shape"):
-        source.read("w", (5, 7, 3), 0, 3)
+        source.read("w", ShardCoords.flat_range((5, 7, 3), 0, 3))
     with pytest.raises(KeyError, match="name_map"):
-        source.read("missing", (1,), 0, 1)
+        source.read("missing", ShardCoords.flat_range((1,), 0, 1))
 
 
 def test_merge_arguments_to_config() -> None:
@@ -84,9 +91,10 @@ def test_fsdp2_install_matches_single_process(tmp_path: Path) -> None:
 
 
 TRAINER_SCRIPT = r"""
-import importlib, json, sys
+import json, sys
 import torch
-importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda *a, **k: None
+from onmerge_megatron.deepspeed.compat import skip_shm_comm_op_build
+skip_shm_comm_op_build()
 from transformers import Trainer, TrainingArguments
 from onmerge_megatron import OnlineMergeConfig, OnlineMergingAdamW
 from onmerge_megatron.deepspeed.hf import OnlineMergeArguments, with_online_merge
@@ -119,12 +127,12 @@ print("RESULT", json.dumps({"kept": engine.basic_optimizer is mine, "steps": ste
 def test_trainer_keeps_a_passed_optimizer_under_deepspeed(tmp_path: Path) -> None:
     """Plain Trainer + DeepSpeed would drop optimizers=(instance, None) and build AdamW."""
     import json
-    import os
     import subprocess
     import sys
 
-    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 400),
-               ACCELERATE_USE_DEEPSPEED="true", OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    from distributed import single_rank_env
+
+    env = dict(single_rank_env(), ACCELERATE_USE_DEEPSPEED="true", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     done = subprocess.run([sys.executable, "-c", TRAINER_SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stderr[-6000:]
@@ -134,9 +142,10 @@ def test_trainer_keeps_a_passed_optimizer_under_deepspeed(tmp_path: Path) -> Non
 
 
 UNIVERSAL_SCRIPT = r"""
-import importlib, json, sys
+import json, sys
 import torch
-importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda *a, **k: None
+from onmerge_megatron.deepspeed.compat import skip_shm_comm_op_build
+skip_shm_comm_op_build()
 from deepspeed.utils import safe_get_full_fp32_param
 from transformers import Trainer, TrainingArguments
 from onmerge_megatron.deepspeed.hf import OnlineMergeArguments, with_online_merge
@@ -173,7 +182,6 @@ def test_trainer_resumes_zero3_universal_checkpoint_with_merge_state(tmp_path: P
     """Trainer + ZeRO-3, step-K (K=3): save at step 2 (accumulator full), convert to universal,
     resume from it; the accumulator must come back (DeepSpeed's ZeRO-3 loader skips it)."""
     import json
-    import os
     import subprocess
     import sys
 
@@ -182,11 +190,11 @@ def test_trainer_resumes_zero3_universal_checkpoint_with_merge_state(tmp_path: P
     sft = {f"lin.{k}": v for k, v in sft.items()}
     save_file(sft, str(tmp_path / "sft.safetensors"))
     save_file({k: v - 0.1 for k, v in sft.items()}, str(tmp_path / "base.safetensors"))
-    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", ACCELERATE_USE_DEEPSPEED="true",
-               OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    from distributed import single_rank_env
+
+    env = dict(single_rank_env(), ACCELERATE_USE_DEEPSPEED="true", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
 
     def run(out: Path, resume: str) -> dict[str, list[float]]:
-        env["MASTER_PORT"] = str(29100 + (os.getpid() + len(resume)) % 400)
         done = subprocess.run([sys.executable, "-c", UNIVERSAL_SCRIPT, str(out), resume, str(tmp_path / "base.safetensors"), str(tmp_path / "sft.safetensors")],
                               capture_output=True, text=True, timeout=300, env=env)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]

@@ -8,9 +8,7 @@ OnDARE kept it at some step (update masks) or it is in the reference delta's fix
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,8 @@ import torch
 
 from onmerge_megatron.merging import rng
 from onmerge_megatron.merging.coords import ShardCoords
+
+from distributed import torchrun_command
 
 pytestmark = pytest.mark.slow
 
@@ -77,8 +77,7 @@ def test_trl_under_deepspeed_merges_with_global_masks(tmp_path: Path, trainer: s
     }
     (tmp_path / "ds.json").write_text(json.dumps(ds_config))
     out = tmp_path / "out"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29000 + os.getpid() % 1000),
+    cmd, env = torchrun_command(2, [
         str(ROOT / "launch" / "trl_dpo.py"), "--cpu_gloo", "--trainer", trainer,
         "--model_name_or_path", str(sft_dir), "--dataset", str(_dataset(tmp_path)),
         "--merge_base_model", str(base_dir), "--merge_method", "dare", "--merge_keep_rate", str(KEEP), "--merge_alpha", "0.5",
@@ -86,8 +85,8 @@ def test_trl_under_deepspeed_merges_with_global_masks(tmp_path: Path, trainer: s
         "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--weight_decay", "0.0",
         "--max_length", "32", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
         "--dataloader_num_workers", "0", "--gradient_checkpointing", "false",
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    ])
+    env["TOKENIZERS_PARALLELISM"] = "false"
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=420, cwd=tmp_path, env=env)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-8000:]}"
     assert "online_merge/kept_fraction" in done.stdout + done.stderr

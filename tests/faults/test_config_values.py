@@ -53,6 +53,9 @@ def test_non_finite_in_the_yaml_file_is_named(tmp_path):
     path.write_text(yaml.safe_dump(cfg))  # written as .inf
     with pytest.raises(ConfigError, match="'optim.lr': expected a finite number, got inf"):
         load_config(str(path), check_paths=False)
+    line = path.read_text().splitlines().index("  lr: .inf") + 1
+    with pytest.raises(ConfigError, match=re.escape(f"{path}:{line}: config key 'optim.lr': expected a finite number, got inf")):
+        load_config(str(path), check_paths=False)
 
 
 def test_valid_values_still_pass(config_file):

@@ -152,8 +152,8 @@ def test_hf_base_of_another_shape_is_refused_before_reading(tmp_path, tiny_base,
 
 @pytest.mark.slow
 def test_refused_install_changes_nothing_and_a_corrected_one_works(tmp_path):
-    """DP 2: OnTIES' per-tensor scope and base checkpoints of another shape (one layer more, a
-    wider FFN) are refused with the optimizer left as it was (same inner Adam, param groups and
+    """DP 2: a merge without a reference source and base checkpoints of another shape (one layer
+    more, a wider FFN) are refused with the optimizer left as it was (same inner Adam, param groups and
     moments); the corrected install then merges, with the moments carried over."""
     pytest.importorskip("megatron.core")
     import mcore_harness as h
@@ -163,8 +163,7 @@ def test_refused_install_changes_nothing_and_a_corrected_one_works(tmp_path):
     results = torch.load(tmp_path / "refused_install.pt")
     base = str(tmp_path / "base")
     expected = {
-        "ties_tensor_at_dp2": r"^OnlineMergeUnsupportedError: online merge: ties_scope='tensor' is not supported with the "
-                              r"distributed optimizer at data-parallel size 2",
+        "no_reference": r"^ValueError: online merge: method='ties' with alpha=0.3 needs a reference delta",
         "deeper_base": rf"^ValueError: online merge: tensor 'decoder\.layers\.[\w.]+' is \({h.NUM_LAYERS + 1}, [\d, ]+\) in the "
                        rf"base checkpoint {base}_deeper but \({h.NUM_LAYERS}, [\d, ]+\) in the model "
                        rf"\({h.NUM_LAYERS + 1} layers in the base, {h.NUM_LAYERS} in the model\)",

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import warnings
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,11 +13,7 @@ import torch
 from onmerge_megatron import OnlineMergeConfig, OnlineMergingAdamW
 from onmerge_megatron.merging import MergeCheckpointError, check_compatible
 
-TESTS = Path(__file__).resolve().parents[1]
-if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))
-
-from distributed import run_distributed  # noqa: E402
+from distributed import run_distributed
 
 SHAPES = {"embed.weight": (40, 50), "layer.bias": (50,), "layer.weight": (30, 40)}
 BAD = ("layer.weight", (3, 4))  # the element that gets a NaN

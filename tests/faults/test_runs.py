@@ -19,8 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from distributed import torchrun_command
 from onmerge_megatron.training.checkpoints import RunLock
-from train_jobs import ROOT, dpo_config, metrics, torchrun, torchrun_command, train, train_args
+from train_jobs import ROOT, dpo_config, metrics, torchrun, train, train_args
 
 pytestmark = pytest.mark.slow
 

@@ -15,10 +15,6 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: multi-process runs that take tens of seconds")
-
-
 @pytest.fixture(scope="session")
 def megatron_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Shared by the Megatron tests: the policy's initial weights (``init``) and a base model

@@ -12,16 +12,13 @@ vocab-parallel embedding and output layer.
 
 from __future__ import annotations
 
-import importlib
-import os
 import re
-import socket
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.multiprocessing as mp
+
+from distributed import TIMEOUT, init_single_process_group, run_distributed
 
 VOCAB = 64
 SEQ = 8
@@ -29,42 +26,19 @@ GLOBAL_BATCH = 4
 NUM_LAYERS = 3  # odd: the DP split of the single bucket then falls inside a parameter (gated fc1)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _run_job(rank: int, world: int, tp: int, pp: int, job: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+    from onmerge_megatron.megatron import cpu
+
+    cpu.enable_cpu_megatron()
+    cpu.initialize_cpu_model_parallel(tp, pp, seed=1234)
+    job(rank=rank, world=world, tp=tp, pp=pp, **kwargs)
 
 
-def _entry(rank: int, world: int, port: int, tp: int, pp: int, job: tuple[str, str], kwargs: dict, error_dir: str) -> None:
-    try:
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        torch.set_num_threads(1)
-        from onmerge_megatron.megatron import cpu
-
-        cpu.enable_cpu_megatron()
-        cpu.init_cpu_process_group(rank, world, f"tcp://127.0.0.1:{port}")
-        cpu.initialize_cpu_model_parallel(tp, pp, seed=1234)
-        module_name, job_name = job
-        getattr(importlib.import_module(module_name), job_name)(rank=rank, world=world, tp=tp, pp=pp, **kwargs)
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    except BaseException:
-        Path(error_dir, f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-
-
-def spawn(job: Callable[..., Any], world: int, tmp: Path, tp: int = 1, pp: int = 1, **kwargs: Any) -> None:
-    """Run ``job(tmp=..., **kwargs)`` on ``world`` gloo processes (TP x PP x DP layout); re-raise a failure."""
-    kwargs = {"tmp": str(tmp), **kwargs}
-    error_dir = Path(tmp, "errors")
-    error_dir.mkdir(parents=True, exist_ok=True)
-    for old in error_dir.glob("rank*.err"):
-        old.unlink()
-    try:
-        mp.spawn(_entry, args=(world, free_port(), tp, pp, (job.__module__, job.__name__), kwargs, str(error_dir)), nprocs=world)
-    except Exception as exc:
-        details = "\n".join(p.read_text() for p in sorted(error_dir.glob("rank*.err")))
-        raise RuntimeError(f"{job.__name__} failed at world={world} tp={tp} pp={pp}:\n{details}") from exc
+def spawn(job: Callable[..., Any], world: int, tmp: Path, tp: int = 1, pp: int = 1, timeout: float = TIMEOUT, **kwargs: Any) -> None:
+    """Run ``job(tmp=..., **kwargs)`` on ``world`` gloo processes (TP x PP x DP layout) through the
+    tests' multi-process harness, which re-raises a rank's failure with its traceback."""
+    run_distributed(_run_job, world, tp, pp, job, {"tmp": str(tmp), **kwargs}, timeout=timeout,
+                    description=f"{job.__name__} at world={world} tp={tp} pp={pp}")
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -229,5 +203,5 @@ def plain_tensors(path: Path) -> dict[str, torch.Tensor]:
     from megatron.core import dist_checkpointing
 
     if not dist.is_initialized():  # the reader wants a process group; a private one-rank group
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        init_single_process_group()
     return {k: v for k, v in dist_checkpointing.load_plain_tensors(str(path)).items() if isinstance(v, torch.Tensor)}

@@ -129,7 +129,7 @@ def megatron_run(
         kinds = sorted({type(sub).__name__ for sub in getattr(opt, "chained_optimizers", [opt])})
         source = MegatronCheckpointBase(str(Path(tmp, "base"))) if config.needs_reference else None
         if config_name != "plain":
-            install_online_merging(opt, [ddp], config, source, progress=False)
+            opt = install_online_merging(opt, [ddp], config, source, progress=False)
         if record_ranges:
             # The DP ranges megatron's distributed optimizer gave this rank, by parameter name.
             ranges = {}
@@ -235,7 +235,7 @@ def checkpoint_run(
         opt = h.megatron_optimizer([ddp], lr=LR, weight_decay=WEIGHT_DECAY, eps=adam_eps(config_name))
         ckpt = Path(tmp, f"ckpt_{resume_from or tag}_{config_name}")
         if resume_from is None:
-            install_online_merging(opt, [ddp], config, MegatronCheckpointBase(str(Path(tmp, "base"))), progress=False)
+            opt = install_online_merging(opt, [ddp], config, MegatronCheckpointBase(str(Path(tmp, "base"))), progress=False)
             _train(ddp, opt, range(save_at))
             state = {"model": model.sharded_state_dict()}
             state["optimizer"] = opt.sharded_state_dict(state["model"], metadata=metadata or CHECKPOINT_METADATA)
@@ -243,7 +243,7 @@ def checkpoint_run(
             dist_checkpointing.save(state, str(ckpt))
         else:
             # No base weights: the reference delta comes back from the checkpoint.
-            install_online_merging(opt, [ddp], config, FROM_CHECKPOINT, progress=False)
+            opt = install_online_merging(opt, [ddp], config, FROM_CHECKPOINT, progress=False)
             state = {"model": model.sharded_state_dict()}
             state["optimizer"] = opt.sharded_state_dict(state["model"], is_loading=True, metadata=metadata or CHECKPOINT_METADATA)
             loaded = dist_checkpointing.load(state, str(ckpt))
@@ -311,7 +311,6 @@ def refusals(rank: int, world: int, tp: int, pp: int, tmp: str) -> None:
     attempt("cpu_offload", with_config(optimizer_cpu_offload=True))
     attempt("sgd", megatron_with(distributed=False, optimizer="sgd"))  # (megatron refuses SGD + DistOpt itself)
     attempt("coupled_weight_decay", megatron_with(decoupled_weight_decay=False, weight_decay=0.1))
-    attempt("ties_tensor_at_dp2", h.megatron_optimizer, OnlineMergeConfig(method="ties", ties_scope="tensor", alpha=0.0))
     attempt("twice", installed_twice)
     attempt("no_reference", h.megatron_optimizer, OnlineMergeConfig(method="dare", alpha=0.1))
     attempt("accepted", h.megatron_optimizer)
@@ -322,7 +321,7 @@ def refusals(rank: int, world: int, tp: int, pp: int, tmp: str) -> None:
     model = h.build_model(tp, pp)
     ddp = h.wrap_ddp(model, tp, pp)
     opt = h.megatron_optimizer([ddp])
-    install_online_merging(opt, [ddp], OnlineMergeConfig(method="dare", alpha=0.1), FROM_CHECKPOINT, progress=False)
+    opt = install_online_merging(opt, [ddp], OnlineMergeConfig(method="dare", alpha=0.1), FROM_CHECKPOINT, progress=False)
     try:
         _train(ddp, opt, range(1))
         messages["resume_without_state"] = None
@@ -480,8 +479,8 @@ def _changes(opt: Any, snapshot: list[tuple[Any, list[dict], dict]]) -> list[str
 
 
 def refused_install(rank: int, world: int, tp: int, pp: int, tmp: str) -> None:
-    """Refused installs (OnTIES per-tensor scope at DP 2, base checkpoints of another shape) leave
-    the optimizer as it was; the corrected install then works. Results written by rank 0."""
+    """Refused installs (no reference source for a merge that needs one, base checkpoints of another
+    shape) leave the optimizer as it was; the corrected install then works. Results written by rank 0."""
     from onmerge_megatron import OnlineMergeConfig
     from onmerge_megatron.megatron import MegatronCheckpointBase, install_online_merging
 
@@ -494,14 +493,15 @@ def refused_install(rank: int, world: int, tp: int, pp: int, tmp: str) -> None:
     snapshot = _inner_snapshot(opt)
     dare = merge_config("dare")
     attempts = {
-        "ties_tensor_at_dp2": (OnlineMergeConfig(method="ties", keep_rate=0.3, alpha=0.3, ties_scope="tensor"), "base"),
+        "no_reference": (OnlineMergeConfig(method="ties", keep_rate=0.3, alpha=0.3, ties_scope="tensor"), None),
         "deeper_base": (dare, "base_deeper"),
         "wider_ffn_base": (dare, "base_wider_ffn"),
     }
     results: dict[str, Any] = {}
     for label, (config, base) in attempts.items():
         try:
-            install_online_merging(opt, [ddp], config, MegatronCheckpointBase(str(Path(tmp, base))), progress=False)
+            source = MegatronCheckpointBase(str(Path(tmp, base))) if base else None
+            install_online_merging(opt, [ddp], config, source, progress=False)
             message = None
         except Exception as exc:  # the test checks type and message
             message = f"{type(exc).__name__}: {exc}"
@@ -511,7 +511,7 @@ def refused_install(rank: int, world: int, tp: int, pp: int, tmp: str) -> None:
         torch.equal(inner.state[p]["exp_avg"], saved[p]["exp_avg"])
         for inner, (_, _, saved) in zip(handle.inner_optimizers, snapshot) for p in saved
     )
-    _train(ddp, opt, range(1, 2))
+    _train(ddp, handle, range(1, 2))
     results["retry"] = {
         "inner": sorted({type(inner).__name__ for inner in handle.inner_optimizers}),
         "moments_carried_over": carried,
@@ -627,3 +627,45 @@ def hf_base_refusals(rank: int, world: int, tp: int, pp: int, tmp: str, policy: 
         results[label] = {"message": message, "read": len(read), "changes": _changes(opt, snapshot)}
     _train(ddp, opt, range(1, 2))
     torch.save(results, Path(tmp, f"hf_refusals_rank{rank}.pt"))
+
+
+# ------------------------------------------------------------------ the fused kernel through Megatron
+def fused_run(rank: int, world: int, tp: int, pp: int, tmp: str, names: list[str], tag: str, fused: bool) -> None:
+    """``megatron_run``'s training with the inner optimizer given to ``install_online_merging``:
+    ``FusedOnlineMergingAdamW`` on its Triton kernels (``fused``; CPU tensors need
+    TRITON_INTERPRET=1, set by the test), else the engine. Both run with torch's ``Tensor.sqrt``
+    correctly rounded, as the kernel's sqrt is (torch's CPU sqrt is not, see
+    tests/kernels/interpreted_checks.py); the fused optimizer takes the engine's path for what its
+    kernels do not cover (e.g. OnDARE's update on gated fc1's two blocks). Writes the parameters,
+    and how the fused optimizer took its steps."""
+    import functools
+    import sys
+
+    from onmerge_megatron.kernels import FusedOnlineMergingAdamW
+    from onmerge_megatron.megatron import MegatronCheckpointBase, install_online_merging
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
+    from interpreted_checks import _ieee_sqrt
+
+    counts = {}
+    for config_name in names:
+        config = merge_config(config_name)
+        model = h.build_model(tp, pp)
+        h.load_model(model, Path(tmp, "init"))
+        ddp = h.wrap_ddp(model, tp, pp)
+        opt = h.megatron_optimizer([ddp], lr=LR, weight_decay=WEIGHT_DECAY, eps=adam_eps(config_name))
+        inner_class = functools.partial(FusedOnlineMergingAdamW, backend="triton") if fused else None
+        opt = install_online_merging(opt, [ddp], config, MegatronCheckpointBase(str(Path(tmp, "base"))), progress=False,
+                                     **({"optimizer_class": inner_class} if fused else {}))
+        torch_sqrt = torch.Tensor.sqrt
+        torch.Tensor.sqrt = _ieee_sqrt
+        try:
+            _train(ddp, opt, range(STEPS))
+        finally:
+            torch.Tensor.sqrt = torch_sqrt
+        h.save_model(model, Path(tmp, f"{tag}_{config_name}"))
+        counts[config_name] = {
+            "inner": sorted({type(inner).__name__ for inner in opt.inner_optimizers}),
+            "kernel_counts": [dict(getattr(inner, "kernel_counts", {})) for inner in opt.inner_optimizers],
+        }
+    torch.save(counts, Path(tmp, f"fused_{tag}_rank{rank}.pt"))

@@ -48,7 +48,6 @@ def test_refusals_name_the_setting(tmp_path: Path) -> None:
         "cpu_offload": "optimizer_cpu_offload",
         "sgd": "optimizer='sgd'",
         "coupled_weight_decay": "decoupled_weight_decay=False",
-        "ties_tensor_at_dp2": "ties_scope='tensor'",
         "twice": "already called",
         "no_reference": "reference_delta_source",
         "resume_without_state": "no checkpoint with online-merge state was loaded",
@@ -59,17 +58,23 @@ def test_refusals_name_the_setting(tmp_path: Path) -> None:
     assert messages["accepted"] is None
 
 
-def test_cpu_layer_refuses_untested_megatron_version(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_untested_megatron_version_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     from megatron.core import package_info
 
-    from onmerge_megatron.megatron import cpu
+    from onmerge_megatron.megatron import compat
 
-    assert cpu.check_megatron_version() == package_info.__version__
+    assert compat.check_megatron_version() == package_info.__version__
     monkeypatch.setattr(package_info, "__version__", "0.13.0")
-    monkeypatch.delenv(cpu.ALLOW_UNTESTED_ENV, raising=False)
-    with pytest.raises(cpu.MegatronVersionError, match=r"tested on \['0\.16\.1'\], but megatron-core 0\.13\.0"):
-        cpu.check_megatron_version()
-    assert cpu.check_megatron_version(allow_untested=True) == "0.13.0"
+    monkeypatch.delenv(compat.ALLOW_UNTESTED_ENV, raising=False)
+    with pytest.raises(compat.MegatronVersionError, match=r"tested on \['0\.16\.1'\], but megatron-core 0\.13\.0"):
+        compat.check_megatron_version()
+    assert compat.check_megatron_version(allow_untested=True) == "0.13.0"
+    # The install checks the version before it looks at the optimizer.
+    from onmerge_megatron import OnlineMergeConfig
+    from onmerge_megatron.megatron import install_online_merging
+
+    with pytest.raises(compat.MegatronVersionError, match=r"but megatron-core 0\.13\.0 is installed"):
+        install_online_merging(object(), [], OnlineMergeConfig(method="dare", alpha=0.0))
 
 
 def test_hf_base_through_mbridge_matches_mbridge_load_weights(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,42 @@ def test_combined_extra_args_providers() -> None:
     parser = combine_extra_args_providers(own, add_online_merge_args)(argparse.ArgumentParser())
     args = parser.parse_args(["--my-flag", "2", "--online-merge", "dare"])
     assert args.my_flag == 2 and args.online_merge == "dare"
+
+
+def test_every_engine_field_has_a_flag_defaulting_to_the_engine() -> None:
+    """One ``--online-merge-<field>`` per OnlineMergeConfig field; each default is the engine's, but
+    the method, which is 'none' in every front-end (the flags alone change nothing)."""
+    args, engine = parse(), OnlineMergeConfig()
+    for f in dataclasses.fields(OnlineMergeConfig):
+        dest = "online_merge" if f.name == "method" else "online_merge_" + f.name.removeprefix("merge_")
+        assert getattr(args, dest) == ("none" if f.name == "method" else getattr(engine, f.name)), f.name
+
+
+# For each field: its flag with a value other than the default, and the value the engine must get.
+FLAG_VALUES = {
+    "method": (["--online-merge-method", "ties"], "ties"),
+    "keep_rate": (["--online-merge-keep-rate", "0.25"], 0.25),
+    "alpha": (["--online-merge-alpha", "0.5"], 0.5),
+    "merge_every": (["--online-merge-every", "3"], 3),
+    "dare_rescale": (["--online-merge-no-dare-rescale"], False),
+    "l1_rescale": (["--online-merge-l1-rescale"], True),
+    "reference_clamp": (["--online-merge-reference-clamp", "2.5"], 2.5),
+    "reference_mask": (["--online-merge-reference-mask", "resampled"], "resampled"),
+    "sign_election": (["--online-merge-sign-election", "weighted"], "weighted"),
+    "ties_scope": (["--online-merge-ties-scope", "tensor"], "tensor"),
+    "seed": (["--online-merge-seed", "7"], 7),
+    "weight_ema": (["--online-merge-weight-ema", "0.001"], 0.001),
+}
+
+
+def test_each_flag_reaches_its_field() -> None:
+    assert sorted(FLAG_VALUES) == sorted(f.name for f in dataclasses.fields(OnlineMergeConfig))
+    for name, (argv, value) in FLAG_VALUES.items():
+        method = [] if name == "method" else ["--online-merge", "dare"]
+        config = OnlineMergeSettings.from_args(parse(*method, *argv)).merge_config()
+        assert config == dataclasses.replace(OnlineMergeConfig(), **{name: value}), name
+    assert parse("--online-merge-dare-rescale").online_merge_dare_rescale is True
+    assert parse("--online-merge-l1-rescale", "--online-merge-no-l1-rescale").online_merge_l1_rescale is False
 
 
 def test_wrapped_factory_builds_reference_at_first_step(megatron_workdir: Path) -> None:

@@ -59,9 +59,10 @@ def collective_counts(workdir: Path, tag: str, world: int) -> list[dict[str, lis
 
 
 def test_dp2_matches_and_adds_no_collective(workdir: Path) -> None:
-    names = ["plain", "none", "dare", "stepk", "ties"]
+    names = ["plain", "none", "dare", "stepk", "ties", "ties_tensor"]
     h.spawn(jobs.megatron_run, 2, workdir, names=names, tag="dp2", count_collectives=True, record_ranges=True)
-    check(workdir, "dp2", ["none", "dare", "stepk"])
+    # ties_tensor: exact per-tensor OnTIES although DP ranges cut tensors (and give ranks different ones).
+    check(workdir, "dp2", ["none", "dare", "stepk", "ties_tensor"])
 
     # OnTIES with the default ties_scope='shard' takes top-p over each rank's DP piece: compare
     # with the single-process optimizer given the same pieces (ranges read from megatron's own
@@ -78,20 +79,31 @@ def test_dp2_matches_and_adds_no_collective(workdir: Path) -> None:
         assert counts["plain"] and min(counts["plain"]) > 0, "the counter saw no collective at all"
         for name in ("none", "dare", "stepk", "ties"):
             assert counts[name] == counts["plain"], f"rank {rank}: {name} issues {counts[name]} collectives per step, plain AdamW {counts['plain']}"
+        check_select_collectives(counts)
+
+
+def check_select_collectives(counts: dict[str, list[int]]) -> None:
+    """Per-tensor OnTIES adds one batched select per step for all tensors: 4 magnitude rounds, then
+    one max-reduction (no ties) or the index rounds (ties), whatever the number of tensors."""
+    extra = [t - p for t, p in zip(counts["ties_tensor"], counts["plain"])]
+    index_rounds = 2  # the test model's tensors have fewer than 2**16 elements
+    assert all(5 <= e <= 4 + index_rounds for e in extra), f"collectives added per step by the select: {extra}"
+    print(f"per-tensor OnTIES: collectives added per step {extra}")
 
 
 def test_tp2_matches(workdir: Path) -> None:
-    # ties_tensor: exact per-tensor OnTIES across TP ranks (a small all_gather per tensor; TP only).
+    # ties_tensor: exact per-tensor OnTIES across TP ranks (TP-replicated norms counted on TP rank 0).
     h.spawn(jobs.megatron_run, 2, workdir, tp=2, names=["none", "dare", "stepk", "ties_tensor"], tag="tp2")
     check(workdir, "tp2", ["none", "dare", "stepk", "ties_tensor"])
 
 
 @pytest.mark.slow
 def test_tp2_dp2_matches_and_adds_no_collective(workdir: Path) -> None:
-    h.spawn(jobs.megatron_run, 4, workdir, tp=2, names=["plain", "dare", "stepk"], tag="tp2dp2", count_collectives=True)
-    check(workdir, "tp2dp2", ["dare", "stepk"])
+    h.spawn(jobs.megatron_run, 4, workdir, tp=2, names=["plain", "dare", "stepk", "ties_tensor"], tag="tp2dp2", count_collectives=True)
+    check(workdir, "tp2dp2", ["dare", "stepk", "ties_tensor"])
     for rank, counts in enumerate(collective_counts(workdir, "tp2dp2", 4)):
         assert counts["dare"] == counts["plain"] == counts["stepk"], f"rank {rank}: {counts}"
+        check_select_collectives(counts)
 
 
 @pytest.mark.slow

@@ -12,11 +12,11 @@ import torch.distributed as dist
 
 hf_dir, out_dir, tp = sys.argv[1], sys.argv[2], int(sys.argv[3])
 
-from onmerge_megatron.training.cli import quiet_library_warnings  # noqa: E402
+from onmerge_megatron.training.parallel import quiet_library_warnings  # noqa: E402
 
 quiet_library_warnings()
 from onmerge_megatron.training.config import config_from_dict  # noqa: E402
-from onmerge_megatron.training.loop import init_distributed  # noqa: E402
+from onmerge_megatron.training.parallel import init_distributed  # noqa: E402
 from onmerge_megatron.training.model import build_model, causal_attention_mask, export_hf, load_hf_weights, make_bridge  # noqa: E402
 
 cfg = config_from_dict({"model": {"hf_path": hf_dir}, "data": {"train_files": ["x.jsonl"]},

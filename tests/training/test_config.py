@@ -1,12 +1,16 @@
 """Every config error is reported before any work, naming the key."""
 
+import argparse
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
+from onmerge_megatron import OnlineMergeConfig
 from onmerge_megatron.training.config import ConfigError, load_config, parse_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -64,6 +68,63 @@ def test_unknown_key_is_named(good_yaml):
 def test_wrong_type_is_named(good_yaml, override, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         load_config(good_yaml, [override])
+
+
+def test_yaml_errors_name_file_and_line(good_yaml):
+    """A wrong value in the file names the file and the line of its key; one given with --set does not."""
+    with open(good_yaml) as f:
+        text = f.read()
+    with open(good_yaml, "w") as f:
+        f.write(text.replace("  beta: 0.1\n", "  beta: high\n").replace("  lr: 5e-7\n", "  lr: 5e-7\n  learning_rate: 1\n"))
+    lines = open(good_yaml).read().splitlines()
+    beta_line, lr_line = lines.index("  beta: high") + 1, lines.index("  learning_rate: 1") + 1
+    with pytest.raises(ConfigError, match=re.escape(f"{good_yaml}:{lr_line}: unknown config key 'optim.learning_rate'; valid keys here: [")):
+        load_config(good_yaml)
+    with pytest.raises(ConfigError, match=re.escape(f"{good_yaml}:{beta_line}: config key 'loss.beta': expected float, got 'high' (str)")):
+        load_config(good_yaml, ["optim={lr: 5e-7}"])
+    with pytest.raises(ConfigError, match=r"^config key 'loss\.beta': expected float, got 'low' \(str\)$"):
+        load_config(good_yaml, ["optim={lr: 5e-7}", "loss.beta=low"])
+
+
+def _yaml_online(tmp_path, online):
+    """merge.online of a YAML config with the given `merge.online` section (None: no merge section)."""
+    path = tmp_path / "merge.yaml"
+    path.write_text("model:\n  hf_path: m\ndata:\n  train_files: [a.jsonl]\n"
+                    + (f"merge:\n  base_hf_path: base\n  online: {json.dumps(online)}\n" if online is not None else ""))
+    return load_config(str(path), check_paths=False).merge.online
+
+
+def _megatron_online(tmp_path, method):
+    from onmerge_megatron.megatron.args import OnlineMergeSettings, add_online_merge_args
+
+    argv = ["--online-merge", method] if method else []
+    return OnlineMergeSettings.from_args(add_online_merge_args(argparse.ArgumentParser()).parse_args(argv)).merge_config()
+
+
+def _hf_online(tmp_path, method):
+    from transformers import HfArgumentParser
+
+    from onmerge_megatron.deepspeed.hf import OnlineMergeArguments
+
+    argv = ["--merge_method", method] if method else []
+    (args,) = HfArgumentParser(OnlineMergeArguments).parse_args_into_dataclasses(args=argv)
+    return args.to_config()
+
+
+@pytest.mark.parametrize("front_end", ["yaml", "megatron", "hf"])
+def test_front_end_defaults_are_the_engines(tmp_path, front_end):
+    """Every front-end leaves each setting at the engine's default when it is not given; the method
+    alone defaults to 'none' everywhere (adding a front-end changes nothing until a method is set)."""
+    if front_end == "yaml":
+        unset = [_yaml_online(tmp_path, None), _yaml_online(tmp_path, {})]
+        dare = _yaml_online(tmp_path, {"method": "dare"})
+    else:
+        read = _megatron_online if front_end == "megatron" else _hf_online
+        unset, dare = [read(tmp_path, None)], read(tmp_path, "dare")
+    engine = dataclasses.asdict(OnlineMergeConfig())
+    for config in unset:
+        assert dataclasses.asdict(config) == {**engine, "method": "none"}
+    assert dataclasses.asdict(dare) == engine
 
 
 def test_engine_validation_is_reported_with_section(good_yaml):

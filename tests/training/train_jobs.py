@@ -5,17 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import yaml
 
+from distributed import torchrun_command
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATA = os.path.join(ROOT, "data", "tiny")
-
-
-def torchrun_command(nproc: int, args: list[str]) -> tuple[list[str], dict[str, str]]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args], env
 
 
 def torchrun(nproc: int, args: list[str], timeout: int = 400, check: bool = True) -> subprocess.CompletedProcess:

@@ -216,16 +216,14 @@ class _HeldWeights:
 
 def reduce_merge_stats(stats: MergeStats, group: Any = None) -> MergeStats:
     """The sum of every rank's merge statistics over a process group (one small all-reduce)."""
-    fields = ("numel", "kept", "reference_kept", "merges", "sign_conflicts", "merged_sq", "update_sq")
+    fields = [f.name for f in dataclasses.fields(MergeStats)]
     values = torch.tensor([float(getattr(stats, f)) for f in fields], dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
         backend_device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
         values = values.to(backend_device)
         dist.all_reduce(values, group=group)
-    total = MergeStats()
-    for name, value in zip(fields, values.tolist()):
-        setattr(total, name, int(value) if name in ("numel", "kept", "reference_kept", "merges") else value)
-    return total
+    # Counts back to ints (the fields whose default is one); norms and conflicts stay floats.
+    return MergeStats(**{f.name: type(f.default)(v) for f, v in zip(dataclasses.fields(MergeStats), values.tolist())})
 
 
 class OnlineMergingAdamW(torch.optim.Optimizer):
@@ -387,8 +385,7 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
             prepare(source, requests)
         config = self.merge_config
         deltas = {param: [delta_fn(seg.name, seg.coords) for seg in self.segments(param)] for param, _ in self._names()}
-        magnitudes = {(param, i): delta.reshape(-1).float().abs() for param, pieces in deltas.items() for i, delta in enumerate(pieces)}
-        top_k = self._tensor_top_k(lambda param, i: magnitudes[(param, i)])
+        top_k = self._tensor_top_k(lambda param, i: deltas[param][i].reshape(-1).float().abs())
         built: dict[torch.Tensor, list[ReferenceDelta]] = {}
         for param, pieces in deltas.items():
             # Built where the delta comes from, kept where the parameter lives (the merge indexes both).
@@ -422,6 +419,17 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         if not self.merge_config.needs_reference:
             return []
         return [self.segments(p)[0].name for p, _ in self._names() if merge_state.REFERENCE_VALUES not in self.state.get(p, {}) and self.segments(p)]
+
+    def keeps_restored_reference(self, hint: str) -> bool:
+        """Asked before the reference delta is taken against the weights held now: False before the
+        first step (they are the SFT weights); True when the optimizer has stepped and a resume
+        restored every reference delta (keep it); ValueError once it has stepped without them (the
+        weights are no longer the SFT weights; ``hint`` says what to do instead)."""
+        if not any("step" in s for s in self.state.values()):
+            return False
+        if not self.missing_reference_delta():
+            return True
+        raise ValueError(f"online merge: the optimizer has already stepped, so its weights are no longer the SFT weights; {hint}")
 
     def reference_nbytes(self) -> int:
         """Bytes held for the reference delta (all parameters)."""
@@ -468,17 +476,14 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         Before the first step the dense state is as the first step would create it."""
         config, state = self.merge_config, self.state.get(param, {})
         flat = _local(param).detach().reshape(-1)
-        fresh = merge_state.new_dense_state(config, flat)
         references = self._reference_views(param) if config.needs_reference else None
         if config.needs_reference and references is None:
             raise MergeCheckpointError(f"online merge: no reference delta set for {self.segments(param)[0].name!r}; nothing to save")
+        # Before the first step: as the first step would create it.
+        dense = {key: state[key] if key in state else merge_state.new_dense(key, flat) for key in merge_state.dense_keys(config)}
         pieces = []
         for i, seg in enumerate(self.segments(param)):
-            piece = {}
-            for key in (merge_state.ACCUMULATOR, merge_state.WEIGHT_EMA):
-                if key in fresh:
-                    value = state[key] if key in state else fresh[key]
-                    piece[key] = value.detach().reshape(-1)[seg.slice].float().cpu()
+            piece = {key: value.detach().reshape(-1)[seg.slice].float().cpu() for key, value in dense.items()}
             if references is not None:
                 piece.update(merge_state.export_reference(references[i], config, seg.name, seg.coords))
             pieces.append(piece)
@@ -497,11 +502,9 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         if len(pieces) != len(segments):
             raise ValueError(f"import_merge_state: {len(pieces)} pieces for {len(segments)} segments")
         like = _local(param)
-        for key in (merge_state.ACCUMULATOR, merge_state.WEIGHT_EMA):
-            if key in merge_state.used_keys(config) and all(key in piece for piece in pieces):
-                dense = state.get(key)
-                if dense is None:
-                    dense = merge_state.new_dense_state(config, like)[key]
+        for key in merge_state.dense_keys(config):
+            if all(key in piece for piece in pieces):
+                dense = state[key] if key in state else merge_state.new_dense(key, like)
                 for seg, piece in zip(segments, pieces):
                     dense.view(-1)[seg.slice] = piece[key].to(device=dense.device, dtype=dense.dtype)
                 state[key] = dense
@@ -519,8 +522,7 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         for param, _ in self._names():
             state = self.state.get(param)
             if state and "step" in state:
-                for key, value in merge_state.new_dense_state(self.merge_config, _local(param)).items():
-                    state.setdefault(key, value)
+                state.update(merge_state.new_dense_state(self.merge_config, _local(param), skip=state))
 
     @contextlib.contextmanager
     def adam_state_only(self, keep_placeholders: bool = False) -> Iterator[None]:
@@ -729,8 +731,7 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(data, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(data, memory_format=torch.preserve_format)
         # Not only at the first step: a resume may turn step-K or the EMA on.
-        for key, value in merge_state.new_dense_state(config, data).items():
-            state.setdefault(key, value)
+        state.update(merge_state.new_dense_state(config, data, skip=state))
         return state
 
     def _begin_param_step(

@@ -155,3 +155,24 @@ def test_reference_from_held_weights_and_files(tmp_path):
     explicit.set_reference_delta(reference={n: p.detach() for n, p in params.items()}, base=weight_source(base, "base"))
     for p in params.values():
         assert torch.equal(held.state[p]["reference_values"], explicit.state[p]["reference_values"])
+
+
+def test_keeps_restored_reference_before_and_after_steps():
+    """Taking tau against the held weights is right before the first step, is skipped after a
+    resume that restored tau, and refused after steps without it."""
+    config = OnlineMergeConfig(method="dare", keep_rate=0.2, alpha=0.3)
+    params = make_params()
+    fresh = OnlineMergingAdamW(list(params.items()), merge=config)
+    assert fresh.keeps_restored_reference("hint") is False
+    fresh.set_reference_delta(delta=make_delta())
+    run(fresh, params, 1)
+    resumed = OnlineMergingAdamW(list(params.items()), merge=config)
+    resumed.load_state_dict(fresh.state_dict())
+    assert resumed.keeps_restored_reference("hint") is True
+
+    plain = OnlineMergingAdamW(list(params.items()), merge=OnlineMergeConfig(method="dare", keep_rate=0.2, alpha=0.0))
+    run(plain, params, 1)
+    without = OnlineMergingAdamW(list(params.items()), merge=config)
+    without.load_state_dict(plain.state_dict())
+    with pytest.raises(ValueError, match="already stepped, so its weights are no longer the SFT weights; pass them"):
+        without.keeps_restored_reference("pass them")

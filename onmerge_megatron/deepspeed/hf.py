@@ -102,18 +102,11 @@ def install_on_parameters(optimizer: OnlineMergingAdamW, base: Any = None, refer
     config = optimizer.merge_config
     if not config.needs_reference:
         return
-    stepped = any("step" in optimizer.state.get(p, {}) for group in optimizer.param_groups for p in group["params"])
-    if reference is None and stepped:
-        if not optimizer.missing_reference_delta():
-            return  # resumed: the checkpoint restored each parameter's reference delta
-        raise ValueError(
-            "online merge: the optimizer has already stepped, so the weights are no longer the SFT weights; "
-            "pass the SFT weights as reference (merge_reference_model)"
-        )
+    if reference is None and optimizer.keeps_restored_reference("pass the SFT weights as reference (merge_reference_model)"):
+        return  # resumed: the checkpoint restored each parameter's reference delta
     if base is None:
         raise ValueError("online merge: alpha > 0 needs the base (pre-trained) weights (merge_base_model)")
-    # reference=None: tau is taken against the weights the optimizer holds now (the SFT weights
-    # before the first step; the engine refuses once it has stepped).
+    # reference=None: tau is taken against the weights the optimizer holds now, the SFT weights.
     optimizer.set_reference_delta(reference=reference, base=base)
 
 

@@ -297,19 +297,16 @@ def install_online_merging(
         optimizer.set_segments(part.tensor, segments)
 
     if config.needs_reference:
-        stepped = any("step" in optimizer.state.get(part.tensor, {}) for part in partitions)
-        with _FlatsInParamGroups(optimizer, partitions):
-            loaded = not optimizer.missing_reference_delta()
-        if stepped and reference is None and delta is None and loaded:
-            # Resumed at the same world size: DeepSpeed restored each partition's own reference
-            # delta (it refuses a different layout outside universal checkpoints). Keep it.
-            return ZeroOnlineMerge(engine, optimizer, partitions)
-        if stepped and reference is None and delta is None:
-            raise ValueError(
-                "online merge: the optimizer has already stepped (or a checkpoint was loaded), so the engine's weights are no "
-                "longer the SFT weights: call install_online_merging before the first step and before engine.load_checkpoint, "
-                "or pass reference= (the SFT weights)"
-            )
+        if reference is None and delta is None:
+            with _FlatsInParamGroups(optimizer, partitions):
+                resumed = optimizer.keeps_restored_reference(
+                    "call install_online_merging before the first step and before engine.load_checkpoint (a loaded "
+                    "checkpoint has stepped too), or pass reference= (the SFT weights)"
+                )
+            if resumed:
+                # Resumed at the same world size: DeepSpeed restored each partition's own reference
+                # delta (it refuses a different layout outside universal checkpoints). Keep it.
+                return ZeroOnlineMerge(engine, optimizer, partitions)
         for what, source in (("base", base), ("reference", reference), ("reference delta", delta)):
             if isinstance(source, torch.nn.Module) and any(compat.is_zero3_partitioned(p) for p in source.parameters()):
                 raise ValueError(f"online merge: the {what} module is partitioned by ZeRO-3; pass its checkpoint path instead")

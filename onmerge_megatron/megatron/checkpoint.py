@@ -70,18 +70,18 @@ def _params_in_order(targets: MergeTargets) -> list[tuple[torch.Tensor, Any, Any
         for param in unwrap_model_chunk(chunk).parameters():
             if not param.requires_grad or param not in entries:
                 continue
-            owner = next((opt for opt in targets.megatron_optimizers if _optimizer_holds(targets, opt, param)), None)
+            owner = next((opt for opt, shards in zip(targets.megatron_optimizers, targets.shards) if trained_by(opt, param, shards)), None)
             if owner is not None:
                 out.append((param, entries[param], owner))
     return out
 
 
-def _optimizer_holds(targets: MergeTargets, opt: Any, param: torch.Tensor) -> bool:
-    """Whether ``param`` is trained by ``opt`` on any DP rank (a DP rank may own none of it)."""
+def trained_by(opt: Any, param: torch.Tensor, shards: list[MainShard]) -> bool:
+    """Whether ``param`` is trained by ``opt`` on any DP rank (a distributed optimizer's DP rank may
+    own none of it; other optimizers hold their params whole on every rank: this rank's ``shards``)."""
     on_some_rank = compat.trains_on_some_rank(opt, param)
     if on_some_rank is not None:
         return on_some_rank
-    shards = targets.shards[targets.megatron_optimizers.index(opt)]
     return any(param is shard.model_param for shard in shards)
 
 

@@ -38,7 +38,7 @@ import torch
 from ..merging.config import OnlineMergeConfig
 from ..optim import OnlineMergingAdamW, Segment, TensorGroup
 from . import compat
-from .checkpoint import PREFIX, complete_engine_state, hidden_merge_state, load_merge_state, merge_sharded_state_dict
+from .checkpoint import PREFIX, complete_engine_state, hidden_merge_state, load_merge_state, merge_sharded_state_dict, trained_by
 from .compat import OnlineMergeUnsupportedError
 from .coords import MainShard, param_coords, unwrap_model_chunk
 from .reference import Progress, reference_source
@@ -300,10 +300,8 @@ def _ties_tensor_groups(opt: Any, shards: list[MainShard], chunks: list[Any], co
     group, tp_rank = compat.tensor_and_data_parallel_group(dp_group)
     if group is None or group.size() == 1:
         return [(None, True)] * len(shards)
-    held = {shard.model_param for shard in shards}
     params = [p for chunk in chunks for p in unwrap_model_chunk(chunk).parameters() if p.requires_grad]
-    # A distributed optimizer's params on any DP rank; other optimizers hold theirs whole on every rank.
-    trained = [p for p in params if compat.trains_on_some_rank(opt, p) or (compat.trains_on_some_rank(opt, p) is None and p in held)]
+    trained = [p for p in params if trained_by(opt, p, shards)]
     coords = param_coords(chunks, trained)
     tensor_group = TensorGroup(group, {coords[p].key: math.prod(coords[p].global_shape) for p in trained})
     return [(tensor_group, getattr(shard.model_param, "tensor_model_parallel", False) or tp_rank == 0) for shard in shards]

@@ -17,6 +17,7 @@ candidates, and may apply OnDARE's sparse terms itself. Everything else stays he
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -93,7 +94,7 @@ class MergeStats:
     update_sq: float | torch.Tensor = 0.0
 
     def add(self, other: "MergeStats") -> None:
-        for name in ("numel", "kept", "reference_kept", "merges", "sign_conflicts", "merged_sq", "update_sq"):
+        for name in (f.name for f in dataclasses.fields(self)):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def as_dict(self) -> dict[str, float]:

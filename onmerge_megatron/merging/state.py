@@ -14,7 +14,7 @@ keys as they are), and imported back into whatever segments the loading rank hol
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Container, Mapping, Sequence
 
 import torch
 
@@ -67,14 +67,21 @@ def exported_keys(config: OnlineMergeConfig) -> list[str]:
     return keys
 
 
-def new_dense_state(config: OnlineMergeConfig, data: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The dense merge state a config asks for, as it is before the first step."""
-    state = {}
-    if config.merges and config.merge_every > 1:
-        state[ACCUMULATOR] = torch.zeros_like(data, dtype=torch.float32)
-    if config.weight_ema > 0:
-        state[WEIGHT_EMA] = data.detach().clone()
-    return state
+def dense_keys(config: OnlineMergeConfig) -> list[str]:
+    """The per-element (parameter-shaped) merge keys a config uses."""
+    return [key for key in (ACCUMULATOR, WEIGHT_EMA) if key in used_keys(config)]
+
+
+def new_dense(key: str, data: torch.Tensor) -> torch.Tensor:
+    """A dense merge key as it is before the first step: no plain update accumulated (fp32), the
+    EMA at the weights."""
+    return torch.zeros_like(data, dtype=torch.float32) if key == ACCUMULATOR else data.detach().clone()
+
+
+def new_dense_state(config: OnlineMergeConfig, data: torch.Tensor, skip: Container[str] = ()) -> dict[str, torch.Tensor]:
+    """The dense merge state a config asks for, as it is before the first step; keys in ``skip``
+    (those a state already has) are not built."""
+    return {key: new_dense(key, data) for key in dense_keys(config) if key not in skip}
 
 
 # ---------------------------------------------------------------- the stored reference delta

@@ -30,17 +30,23 @@ import torch.distributed as dist
 from .merging import state as merge_state
 from .merging.config import MergeCheckpointError, OnlineMergeConfig, check_compatible
 from .merging.coords import ShardCoords
-from .merging.merger import MergeHooks, MergeStats, is_merge_step, merge_segment
-from .merging.reference import ReferenceDelta
+from .merging.indexing import gather
+from .merging import rng
+from .merging.merger import DarePositions, MergeHooks, MergeStats, is_merge_step, merge_segment
+from .merging.reference import ReferenceDelta, reference_draw
 from .merging.sources import DeltaFn, NameMap, delta_between, delta_from, prepare, weight_source
 from .merging.select import Piece, tensor_thresholds
-from .merging.sparsify import TensorTopK, top_k_count
+from .merging.sparsify import CANDIDATE_DEPTH, SAMPLE, Candidates, TensorTopK, cut_from_sample, sample_positions, top_k_count
 
 STATE_DICT_KEY = "online_merge"
 """Top-level key of `OnlineMergingAdamW.state_dict()` holding the merge config and skipped_steps
 (torch's own load_state_dict ignores top-level keys it does not know)."""
 
 NonFinite = Literal["raise", "skip", "off"]
+
+CANDIDATE_CHUNK = 1 << 19
+"""Elements per chunk of the OnTIES candidate pass: its buffers (2 MiB of fp32 and the flags) are
+all it keeps between steps, instead of a buffer the size of the largest tensor."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -105,8 +111,8 @@ class AdamUpdate:
 
     def at(self, positions: torch.Tensor) -> torch.Tensor:
         if self._dense is not None:
-            return self._dense[positions]
-        return self._update(self.exp_avg[positions], self.exp_avg_sq[positions])
+            return gather(self._dense, positions)
+        return self._update(gather(self.exp_avg, positions), gather(self.exp_avg_sq, positions))
 
     def dense(self) -> torch.Tensor:
         if self._dense is None:
@@ -122,6 +128,45 @@ class AdamUpdate:
         out = self.scratch(self.exp_avg)[:n] if self.scratch is not None else torch.empty_like(self.exp_avg)
         torch.sqrt(self.exp_avg_sq, out=out).div_(self.bias_correction2_sqrt).add_(self.eps)
         return torch.div(self.exp_avg, out, out=out).abs_().mul_(self.step_size)
+
+    def top_k_candidates(self, k: int) -> Candidates | None:
+        """Positions provably holding the top k of magnitude(), found without computing it: the
+        cut comes from the exact magnitudes of a strided sample (as `sparsify.top_k_positions`
+        takes it), and an element is offered when v - r2 m^2 < 0, two cheap passes instead of
+        magnitude()'s six, chunk by chunk in a small buffer.
+
+        Why nothing at or above the cut is left out: magnitude = |m| s / (sqrt(v) / c + eps) <
+        |m| s c / sqrt(v) (eps > 0), so magnitude >= cut implies r2 m^2 > v for r2 = (s c / cut)^2;
+        r2 is raised by 1e-4, far more than the rounding of the few fp32 operations. r2 m^2
+        underflowing needs |m| < 2^-63 / sqrt(r2), where magnitude < cut whenever c * eps > 2^-60
+        (checked); overflow only offers more."""
+        n = self.exp_avg.numel()
+        if self._dense is not None or n <= 4 * SAMPLE:
+            return None
+        sample = self.at(sample_positions(n, self.exp_avg.device)).abs()
+        cut = cut_from_sample(sample, n, k, CANDIDATE_DEPTH)
+        # Many sampled magnitudes equal to the cut (Adam's first step makes them all equal) would
+        # offer most of the segment: the whole-segment selection is cheaper then.
+        if int((sample >= cut).sum()) > 2 * CANDIDATE_DEPTH * k / n * sample.numel() + 64:
+            return None
+        cut = float(cut)
+        if not (math.isfinite(cut) and cut > 0.0 and self.bias_correction2_sqrt * self.eps > 2.0**-60):
+            return None
+        r2 = (self.step_size * self.bias_correction2_sqrt / cut) ** 2 * (1.0 + 1e-4)
+        chunk = min(n, CANDIDATE_CHUNK)
+        margin = self.scratch(self.exp_avg[:chunk])[:chunk] if self.scratch is not None else torch.empty_like(self.exp_avg[:chunk])
+        below = torch.empty(chunk, dtype=torch.bool, device=margin.device)
+        found, offered = [], 0
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            m = self.exp_avg[start:stop]
+            torch.addcmul(self.exp_avg_sq[start:stop], m, m, value=-r2, out=margin[: stop - start])
+            torch.lt(margin[: stop - start], 0.0, out=below[: stop - start])
+            found.append(torch.nonzero(below[: stop - start]).squeeze(1).add_(start))
+            offered += found[-1].numel()
+            if offered > n // 8:  # eps dominates many elements' denominators: the bound is loose here
+                return None
+        return Candidates(torch.cat(found), cut)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -435,6 +480,10 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         """Bytes held for the reference delta (all parameters)."""
         return sum(s[k].numel() * s[k].element_size() for s in self.state.values() for k in merge_state.REFERENCE_KEYS if k in s)
 
+    def buffer_nbytes(self) -> int:
+        """Bytes of the work buffers kept from one step to the next (OnTIES' candidate chunk)."""
+        return sum(b.numel() * b.element_size() for b in self._scratch.values())
+
     def _tensor_top_k(self, magnitude: Callable[[torch.Tensor, int], torch.Tensor]) -> dict[tuple[torch.Tensor, int], TensorTopK]:
         """OnTIES per tensor: each whole tensor's top-k threshold, for the segments (param, index)
         that hold pieces of tensors over a TensorGroup, from ``magnitude(param, index)``. One
@@ -665,8 +714,12 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
             if param.grad is not None
         ]
         tensor_top_k = self._step_tensor_top_k(begun)
+        dare_positions = self._draw_dare_positions(begun)
         for begun_step in begun:
-            self._merge_param(begun_step, tensor_top_k)
+            self._merge_param(begun_step, tensor_top_k, dare_positions)
+        # A whole-segment magnitude buffer (per-tensor OnTIES, or a step where the candidates did not
+        # suffice) would be as large as the largest tensor: it is not kept between steps.
+        self._scratch = {key: buf for key, buf in self._scratch.items() if buf.numel() <= CANDIDATE_CHUNK}
         return loss
 
     def _nonfinite_step(self) -> bool:
@@ -777,7 +830,37 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
 
         return self._tensor_top_k(magnitude)
 
-    def _merge_param(self, begun: "_ParamStep", tensor_top_k: dict[tuple[torch.Tensor, int], TensorTopK]) -> None:
+    def _draw_dare_positions(self, begun: list["_ParamStep"]) -> dict[tuple[torch.Tensor, int], DarePositions]:
+        """This step's OnDARE keep positions of every segment the engine merges itself, drawn in one
+        batch per device (`rng.keep_positions_many`); a segment whose hooks come from a fused
+        implementation draws its own."""
+        config = self.merge_config
+        if config.method != "dare" or not config.merges:
+            return {}
+        draws: dict[torch.device, list[tuple[tuple[torch.Tensor, int], rng.MaskDraw, rng.MaskDraw | None]]] = {}
+        for b in begun:
+            if b.hooks is not None or not is_merge_step(config, b.step):
+                continue
+            references = self._reference_views(b.param) if config.alpha > 0.0 else None
+            for i, seg in enumerate(self.segments(b.param)):
+                update = rng.MaskDraw(config.seed, seg.name, b.step, rng.STREAM_UPDATE, seg.coords)
+                redraw = references is not None and references[i].positions is None
+                reference = reference_draw(config, seg.name, seg.coords, b.step) if redraw else None
+                draws.setdefault(b.data.device, []).append(((b.param, i), update, reference))
+        drawn: dict[tuple[torch.Tensor, int], DarePositions] = {}
+        for device, items in draws.items():
+            wanted = [d for _, update, reference in items for d in (update, reference) if d is not None]
+            positions = iter(rng.keep_positions_many(wanted, config.keep_rate, device))
+            for key, _, reference in items:
+                drawn[key] = DarePositions(next(positions), next(positions) if reference is not None else None)
+        return drawn
+
+    def _merge_param(
+        self,
+        begun: "_ParamStep",
+        tensor_top_k: dict[tuple[torch.Tensor, int], TensorTopK],
+        dare_positions: dict[tuple[torch.Tensor, int], DarePositions],
+    ) -> None:
         """One parameter's merge of each segment (or the plain update), and the EMA."""
         config, param, state, data = self.merge_config, begun.param, begun.state, begun.data
         if not config.merges:
@@ -801,6 +884,7 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
                         tensor_top_k=tensor_top_k.get((param, i)),
                         track_update_norm=self.track_update_norm,
                         hooks=begun.hooks[i] if begun.hooks is not None else None,
+                        dare_positions=dare_positions.get((param, i)),
                     )
                 )
         if merge_state.WEIGHT_EMA in state:

@@ -380,3 +380,42 @@ def test_replicas_selecting_per_tensor_equal_single_process():
     for rank_result in results:
         for n, p in single.items():
             assert torch.equal(rank_result[n], p.detach()), n
+
+
+@pytest.mark.parametrize("eps", [1e-8, 3e-3], ids=["eps-small", "eps-dominant"])
+def test_ties_candidates_of_large_segments_match_algorithm_2(eps, monkeypatch):
+    """Segments above 4 x SAMPLE elements find OnTIES' top-k among candidates bounded without
+    computing the magnitude (AdamUpdate.top_k_candidates); the kept set must still be the exact
+    top-k of the reference code's dense update, at Adam's all-tied first step (where the
+    candidates decline), with eps dominating many denominators, and with step-K."""
+    from onmerge_megatron import optim as optim_module
+
+    offered = []
+    original = optim_module.AdamUpdate.top_k_candidates
+
+    def counting(self, k):
+        found = original(self, k)
+        offered.append(found is not None)
+        return found
+
+    monkeypatch.setattr(optim_module.AdamUpdate, "top_k_candidates", counting)
+    shapes = {"big.weight": (300, 400), "vector": (70_000,)}
+    gen = torch.Generator().manual_seed(0)
+    params = {n: torch.nn.Parameter(torch.randn(s, generator=gen) * 0.1) for n, s in shapes.items()}
+    delta = {n: torch.randn(s, generator=gen) * 0.05 for n, s in shapes.items()}
+    for merge_every in (1, 2):
+        kwargs = dict(method="ties", keep_rate=0.01, alpha=0.3, merge_every=merge_every)
+        run_params = {n: torch.nn.Parameter(p.detach().clone()) for n, p in params.items()}
+        reference = Algorithm2(run_params, delta, lr=1e-2, eps=eps, weight_decay=0.01, **kwargs)
+        opt = OnlineMergingAdamW(list(run_params.items()), lr=1e-2, eps=eps, weight_decay=0.01, merge=OnlineMergeConfig(**kwargs))
+        opt.set_reference_delta(delta=delta)
+        for t in range(1, 6):
+            grads = {n: torch.randn(s, generator=gen) * (10.0 ** -(t % 3)) for n, s in shapes.items()}
+            for n, g in grads.items():
+                run_params[n].grad = g.clone()
+            opt.step()
+            reference.step(grads)
+            for n in shapes:
+                assert torch.equal(run_params[n].detach(), reference.params[n]), (merge_every, n, t)
+    assert any(offered), "the candidate path never ran"
+    assert not all(offered), "the first step's ties should be selected over the whole segment"

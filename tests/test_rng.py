@@ -133,3 +133,25 @@ def test_masks_do_not_depend_on_sharding(layout):
         union.extend(coords.global_index(local).tolist())
     assert len(union) == len(set(union))
     assert set(union) == whole
+
+
+@pytest.mark.parametrize("batch_words", [rng.ROWS_PER_BATCH_WORDS, 1])
+def test_many_draws_at_once_equal_each_drawn_alone(batch_words, monkeypatch):
+    """The batched draw of a step equals drawing each segment alone, whatever the mix of names,
+    steps, streams and layouts (including shards that hold nothing and multi-block spans), in one
+    batch or (batch_words=1) one batch per draw."""
+    monkeypatch.setattr(rng, "ROWS_PER_BATCH_WORDS", batch_words)
+    shape = (300, 1000)
+    draws = [rng.MaskDraw(3, "big", 7, rng.STREAM_UPDATE, ShardCoords.full((4, 70_000)))]
+    draws += [rng.MaskDraw(1, f"w{i % 3}", 5 + i, i % 2, coords) for layout in sorted(LAYOUTS) for i, coords in enumerate(LAYOUTS[layout](shape))]
+    draws += [rng.MaskDraw(2, "empty", 1, 0, ShardCoords.flat_range((10, 10), 40, 40)), rng.MaskDraw(2, "tiny", 1, 1, ShardCoords.full((3,)))]
+    together = rng.keep_positions_many(draws, 0.02)
+    alone = [rng.keep_positions(d.seed, d.name, d.step, d.stream, d.coords, 0.02) for d in draws]
+    assert [t.tolist() for t in together] == [a.tolist() for a in alone]
+    assert sum(t.numel() for t in together) > 1000
+
+
+def test_draws_that_hold_nothing():
+    empty = [rng.MaskDraw(0, "e", 1, 0, ShardCoords.flat_range((10, 10), 40, 40)), rng.MaskDraw(0, "z", 1, 0, ShardCoords.full((0,)))]
+    assert [t.numel() for t in rng.keep_positions_many(empty, 0.1)] == [0, 0]
+    assert rng.keep_positions_many([], 0.1) == []

@@ -24,6 +24,7 @@ from typing import Protocol
 import torch
 
 from . import consensus, rng
+from .indexing import add_at, gather
 from .config import OnlineMergeConfig
 from .coords import ShardCoords
 from .reference import ReferenceDelta
@@ -43,6 +44,11 @@ class Update(Protocol):
         """|dense()|, possibly computed without materialising dense()."""
         ...
 
+    def top_k_candidates(self, k: int) -> Candidates | None:
+        """Positions provably holding the top k of magnitude(), found without materialising it
+        (see `Candidates`); None: select over magnitude()."""
+        ...
+
 
 @dataclass
 class DenseUpdate:
@@ -51,13 +57,16 @@ class DenseUpdate:
     values: torch.Tensor
 
     def at(self, positions: torch.Tensor) -> torch.Tensor:
-        return self.values[positions]
+        return gather(self.values, positions)
 
     def dense(self) -> torch.Tensor:
         return self.values
 
     def magnitude(self) -> torch.Tensor:
         return self.values.abs()
+
+    def top_k_candidates(self, k: int) -> Candidates | None:
+        return None
 
 
 @dataclass
@@ -68,13 +77,16 @@ class _WithAccumulator:
     accumulator: torch.Tensor
 
     def at(self, positions: torch.Tensor) -> torch.Tensor:
-        return self.update.at(positions) + self.accumulator[positions]
+        return self.update.at(positions) + gather(self.accumulator, positions)
 
     def dense(self) -> torch.Tensor:
         return self.update.dense() + self.accumulator
 
     def magnitude(self) -> torch.Tensor:
         return self.dense().abs_()
+
+    def top_k_candidates(self, k: int) -> Candidates | None:
+        return None
 
 
 @dataclass
@@ -164,6 +176,16 @@ class MergeHooks:
 _NO_HOOKS = MergeHooks()
 
 
+@dataclass(frozen=True)
+class DarePositions:
+    """OnDARE's keep positions of one segment at one step, drawn ahead for many segments together
+    (`rng.keep_positions_many`); the same positions `merge_segment` would draw itself."""
+
+    update: torch.Tensor
+    reference: torch.Tensor | None
+    """None: the reference delta's positions are stored (or alpha is 0)."""
+
+
 def _ties_positions(
     update: Update, config: OnlineMergeConfig, name: str, coords: ShardCoords, tensor_top_k: TensorTopK | None, hooks: MergeHooks
 ) -> torch.Tensor:
@@ -171,6 +193,8 @@ def _ties_positions(
     k = segment_top_k(config, coords, tensor_top_k is not None)
     if k is not None:
         offered = hooks.top_k_candidates(k)
+        if offered is None and hooks is _NO_HOOKS:  # no fused implementation takes part
+            offered = update.top_k_candidates(k)
         if offered is not None:
             # Read off the Update itself, so the kept set is the engine's bit for bit.
             magnitude = update.at(offered.positions).abs()
@@ -194,6 +218,7 @@ def _merge_dare(
     step: int,
     reference: ReferenceDelta | None,
     hooks: MergeHooks,
+    drawn: DarePositions | None,
 ) -> MergeStats:
     """Linear consensus needs no alignment of the two kept sets: theta += (1 - a) F(u), then += a F(r)."""
     if config.alpha > 0.0 and reference is None:
@@ -201,20 +226,23 @@ def _merge_dare(
     stats = MergeStats(numel=param.numel(), merges=1)
     weight = 1.0 - config.alpha
     if not hooks.add_dare_update(param, update, weight, stats):
-        positions = rng.keep_positions(config.seed, name, step, rng.STREAM_UPDATE, coords, config.keep_rate, param.device)
+        if drawn is not None:
+            positions = drawn.update
+        else:
+            positions = rng.keep_positions(config.seed, name, step, rng.STREAM_UPDATE, coords, config.keep_rate, param.device)
         values = update.at(positions)
         if config.dare_rescale:
             values = dare_rescale(values, config.keep_rate)
         if config.l1_rescale:
             values = l1_rescale(values, update.dense())
         step_update = values * weight
-        param[positions] += step_update
+        add_at(param, positions, step_update)
         stats.kept = positions.numel()
         stats.merged_sq = step_update.double().square().sum()
     if config.alpha > 0.0 and not hooks.add_dare_reference(param, reference, config.alpha, stats):
-        reference_positions, reference_values = reference.kept(config, name, coords, step)
+        reference_positions, reference_values = reference.kept(config, name, coords, step, drawn.reference if drawn else None)
         step_reference = reference_values * config.alpha
-        param[reference_positions] += step_reference
+        add_at(param, reference_positions, step_reference)
         stats.reference_kept = reference_positions.numel()
         stats.merged_sq = stats.merged_sq + step_reference.double().square().sum()
     return stats
@@ -252,8 +280,8 @@ def apply_ties(
         reference_only[slot[both]] = False
     step_update = elect(values, reference_at, config.alpha)
     step_reference = elect(torch.zeros_like(reference_values[reference_only]), reference_values[reference_only], config.alpha)
-    param[positions] += step_update.to(param.dtype)
-    param[reference_positions[reference_only]] += step_reference.to(param.dtype)
+    add_at(param, positions, step_update.to(param.dtype))
+    add_at(param, reference_positions[reference_only], step_reference.to(param.dtype))
     stats.sign_conflicts = consensus.sign_conflicts(values, reference_at)
     stats.merged_sq = step_update.double().square().sum() + step_reference.double().square().sum()
     return stats
@@ -271,6 +299,7 @@ def merge_segment(
     tensor_top_k: TensorTopK | None = None,
     track_update_norm: bool = False,
     hooks: MergeHooks | None = None,
+    dare_positions: DarePositions | None = None,
 ) -> MergeStats:
     """Apply step ``step`` (1-based) of the online merge to ``param`` (1-D view of the segment), in place.
 
@@ -278,6 +307,7 @@ def merge_segment(
     ``tensor_top_k``: OnTIES per tensor on a piece of it, the tensor's threshold over all its
     pieces (`merging.select.tensor_thresholds`, run by the optimizer for all tensors at once).
     ``hooks``: the parts a fused implementation takes over (`MergeHooks`); None: none.
+    ``dare_positions``: OnDARE's keep positions for this step when drawn ahead; None: drawn here.
     """
     hooks = hooks if hooks is not None else _NO_HOOKS
     if not config.merges:
@@ -297,7 +327,7 @@ def merge_segment(
         update = _WithAccumulator(update, accumulator)
 
     if config.method == "dare":
-        stats = _merge_dare(param, update, config, name, coords, step, reference, hooks)
+        stats = _merge_dare(param, update, config, name, coords, step, reference, hooks, dare_positions)
     else:
         positions = _ties_positions(update, config, name, coords, tensor_top_k, hooks)
         values = update.at(positions)

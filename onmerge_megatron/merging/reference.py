@@ -17,6 +17,7 @@ import torch
 from . import rng
 from .config import OnlineMergeConfig
 from .coords import ShardCoords
+from .indexing import gather
 from .sparsify import TensorTopK, dare_rescale, ties_positions
 
 
@@ -29,12 +30,18 @@ def _finish(values: torch.Tensor, config: OnlineMergeConfig) -> torch.Tensor:
     return values.to(torch.float32).contiguous()
 
 
+def reference_draw(config: OnlineMergeConfig, name: str, coords: ShardCoords, step: int) -> rng.MaskDraw:
+    """The DARE reference mask at a merge: drawn once (step 0) or at every merge."""
+    mask_step = step if config.reference_mask == "resampled" else 0
+    return rng.MaskDraw(config.seed, name, mask_step, rng.STREAM_REFERENCE, coords)
+
+
 def reference_positions(
     config: OnlineMergeConfig, name: str, coords: ShardCoords, step: int, device: torch.device | None = None
 ) -> torch.Tensor:
-    """Positions of the DARE reference mask: drawn once (step 0) or at every merge."""
-    mask_step = step if config.reference_mask == "resampled" else 0
-    return rng.keep_positions(config.seed, name, mask_step, rng.STREAM_REFERENCE, coords, config.keep_rate, device)
+    """Positions of the DARE reference mask (`reference_draw`)."""
+    draw = reference_draw(config, name, coords, step)
+    return rng.keep_positions(draw.seed, draw.name, draw.step, draw.stream, coords, config.keep_rate, device)
 
 
 @dataclass
@@ -70,13 +77,16 @@ class ReferenceDelta:
         positions = ties_positions(delta.abs(), config.keep_rate, config.ties_scope, coords, name, tensor_top_k)
         return cls(values=_finish(delta[positions], config), positions=positions.to(torch.int32 if coords.numel < 2**31 else torch.int64))
 
-    def kept(self, config: OnlineMergeConfig, name: str, coords: ShardCoords, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(positions int64, values) of the sparsified reference delta for this merge."""
+    def kept(
+        self, config: OnlineMergeConfig, name: str, coords: ShardCoords, step: int, drawn: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions int64, values) of the sparsified reference delta for this merge; ``drawn``: the
+        positions of `reference_draw` when drawn ahead."""
         if self.positions is not None:
             return self.positions.to(torch.int64), self.values
-        positions = reference_positions(config, name, coords, step, self.values.device)
+        positions = drawn if drawn is not None else reference_positions(config, name, coords, step, self.values.device)
         if self.dense is not None:
-            return positions, _finish(self.dense[positions], config)
+            return positions, _finish(gather(self.dense, positions), config)
         return positions, self.values
 
     @property

@@ -19,6 +19,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -34,8 +36,9 @@ STREAM_UPDATE = 0
 STREAM_REFERENCE = 1
 
 
-def philox4x32(counter: list[torch.Tensor], key: tuple[int, int], rounds: int = 10) -> list[torch.Tensor]:
-    """Philox-4x32 on int64 tensors holding 32-bit words; returns the four output words."""
+def philox4x32(counter: list[torch.Tensor], key: tuple[int | torch.Tensor, int | torch.Tensor], rounds: int = 10) -> list[torch.Tensor]:
+    """Philox-4x32 on int64 tensors holding 32-bit words; returns the four output words. The key
+    words may be tensors broadcasting against the counter (a different key per row)."""
     c0, c1, c2, c3 = (c.to(torch.int64) & _MASK32 for c in counter)
     k0, k1 = key[0] & _MASK32, key[1] & _MASK32
     for r in range(rounds):
@@ -90,36 +93,127 @@ def _gaps(words: torch.Tensor, keep_rate: float) -> torch.Tensor:
     return gaps
 
 
-def _block_positions(key: tuple[int, int], step: int, stream: int, blocks: torch.Tensor, keep_rate: float) -> torch.Tensor:
-    """Sorted global indices kept in the given blocks (int64)."""
-    device = blocks.device
+@dataclass(frozen=True)
+class MaskDraw:
+    """One keep-mask to draw: the positions of a shard (``coords``) kept at ``step`` in ``stream``
+    by the mask of tensor ``name``."""
+
+    seed: int
+    name: str
+    step: int
+    stream: int
+    coords: ShardCoords
+
+
+def _calls_per_block(keep_rate: float) -> int:
+    """Philox calls per block and round: enough that a second round is needed about once in 10^5 blocks."""
     expected = keep_rate * BLOCK
-    # Philox calls per block and round: enough that a second round is needed about once in 10^5 blocks.
-    calls = int((expected + 4.5 * math.sqrt(expected) + 8) / 4) + 1
-    found = []
-    active = blocks
-    cursor = torch.full_like(blocks, -1)  # last kept position inside each block so far
+    return int((expected + 4.5 * math.sqrt(expected) + 8) / 4) + 1
+
+
+def _block_positions(rows: _Rows, keep_rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global indices kept in each row's block, sorted by (row, index), and the row of each (int64)."""
+    device = rows.block.device
+    calls = _calls_per_block(keep_rate)
+    found, found_rows = [], []
+    active = torch.arange(rows.block.numel(), device=device)
+    cursor = torch.full_like(rows.block, -1)  # last kept position inside each block so far
     first_call = 0
     while active.numel():
-        rows = active.numel()
+        n = active.numel()
+        block = rows.block[active, None]
         ctr = [
-            torch.arange(first_call, first_call + calls, device=device, dtype=torch.int64).expand(rows, calls),
-            active[:, None].expand(rows, calls),
-            torch.full((rows, calls), step, dtype=torch.int64, device=device),
-            torch.full((rows, calls), stream, dtype=torch.int64, device=device),
+            torch.arange(first_call, first_call + calls, device=device, dtype=torch.int64).expand(n, calls),
+            block.expand(n, calls),
+            rows.step[active, None].expand(n, calls),
+            rows.stream[active, None].expand(n, calls),
         ]
         # Each Philox call gives four 32-bit words: four consecutive gaps.
-        words = torch.stack(philox4x32(ctr, key), dim=-1).reshape(rows, 4 * calls)
+        words = philox4x32(ctr, (rows.key0[active, None], rows.key1[active, None]))
+        words = torch.stack(words, dim=-1).reshape(n, 4 * calls)
         pos = cursor[:, None] + torch.cumsum(_gaps(words, keep_rate), dim=1)
         inside = pos < BLOCK
-        found.append(pos[inside] + (active * BLOCK).repeat_interleave(inside.sum(dim=1)))
+        per_row = inside.sum(dim=1)
+        found.append(pos[inside] + (block[:, 0] * BLOCK).repeat_interleave(per_row))
+        found_rows.append(active.repeat_interleave(per_row))
         more = inside[:, -1]  # the block's end was not reached: draw the next gaps
         cursor = pos[more, -1]
         active = active[more]
         first_call += calls
-    if len(found) == 1:  # rows are blocks in ascending order, each row ascending
-        return found[0]
-    return torch.sort(torch.cat(found)).values
+    if len(found) == 1:  # rows in order, each row ascending
+        return found[0], found_rows[0]
+    kept, row = torch.cat(found), torch.cat(found_rows)
+    order = torch.sort(kept, stable=True).indices
+    order = order[torch.sort(row[order], stable=True).indices]
+    return kept[order], row[order]
+
+
+@dataclass
+class _Rows:
+    """The 2^16-index blocks that some draws touch, one row per (draw, block)."""
+
+    block: torch.Tensor
+    key0: torch.Tensor
+    key1: torch.Tensor
+    step: torch.Tensor
+    stream: torch.Tensor
+
+
+ROWS_PER_BATCH_WORDS = 1 << 21
+"""Philox output words per batch of draws (times ~10 int64 temporaries: tens of MiB), so that batching
+the draws of a step never needs more memory than drawing its largest segment alone."""
+
+
+def keep_positions_many(draws: Sequence[MaskDraw], keep_rate: float, device: torch.device | str | None = None) -> list[torch.Tensor]:
+    """`keep_positions` of several draws, equal to drawing each alone bit for bit, in few Philox
+    evaluations: a step of many small tensors is then not dominated by the overhead of a hundred
+    small tensor operations per tensor."""
+    if keep_rate >= 1.0:
+        return [keep_positions(d.seed, d.name, d.step, d.stream, d.coords, keep_rate, device) for d in draws]
+    spans = [d.coords.global_span() for d in draws]
+    counts = [hi // BLOCK - lo // BLOCK + 1 if hi >= lo else 0 for lo, hi in spans]
+    words_per_row = 4 * _calls_per_block(keep_rate)
+    result: list[torch.Tensor] = []
+    start = 0
+    while start < len(draws):
+        stop, rows = start + 1, counts[start]
+        while stop < len(draws) and (rows + counts[stop]) * words_per_row <= ROWS_PER_BATCH_WORDS:
+            rows += counts[stop]
+            stop += 1
+        result += _draw_batch(draws[start:stop], spans[start:stop], counts[start:stop], keep_rate, device)
+        start = stop
+    return result
+
+
+def _draw_batch(
+    draws: Sequence[MaskDraw], spans: list[tuple[int, int]], counts: list[int], keep_rate: float, device: torch.device | str | None
+) -> list[torch.Tensor]:
+    if not sum(counts):
+        return [torch.empty(0, dtype=torch.int64, device=device) for _ in draws]
+    per_draw = lambda values: torch.tensor(values, dtype=torch.int64).repeat_interleave(torch.tensor(counts)).to(device)  # noqa: E731
+    keys = [mask_key(d.seed, d.name) for d in draws]
+    rows = _Rows(
+        block=torch.cat([torch.arange(lo // BLOCK, lo // BLOCK + c, dtype=torch.int64) for (lo, _), c in zip(spans, counts)]).to(device),
+        key0=per_draw([k[0] for k in keys]),
+        key1=per_draw([k[1] for k in keys]),
+        step=per_draw([d.step for d in draws]),
+        stream=per_draw([d.stream for d in draws]),
+    )
+    kept, row = _block_positions(rows, keep_rate)
+    # Keep each draw's indices inside its own span; rows are grouped by draw, so what is left is
+    # one run per draw, in draw order.
+    inside = (kept >= per_draw([lo for lo, _ in spans])[row]) & (kept <= per_draw([hi for _, hi in spans])[row])
+    kept, row = kept[inside], row[inside]
+    sizes = torch.bincount(per_draw(list(range(len(draws))))[row], minlength=len(draws)).tolist()
+    return [_local_positions(part, d.coords, lo) for part, d, (lo, _) in zip(torch.split(kept, sizes), draws, spans)]
+
+
+def _local_positions(kept: torch.Tensor, coords: ShardCoords, lo: int) -> torch.Tensor:
+    """The shard positions of kept global indices inside the shard's span (starting at ``lo``)."""
+    if coords.is_contiguous:
+        return kept - lo
+    _, positions = coords.local_position(kept)
+    return positions
 
 
 def keep_positions(
@@ -137,10 +231,4 @@ def keep_positions(
     lo, hi = coords.global_span()
     if hi < lo:
         return torch.empty(0, dtype=torch.int64, device=device)
-    blocks = torch.arange(lo // BLOCK, hi // BLOCK + 1, dtype=torch.int64, device=device)
-    kept = _block_positions(mask_key(seed, name), step, stream, blocks, keep_rate)
-    kept = kept[(kept >= lo) & (kept <= hi)]
-    if coords.is_contiguous:
-        return kept - lo
-    _, positions = coords.local_position(kept)
-    return positions
+    return keep_positions_many([MaskDraw(seed, name, step, stream, coords)], keep_rate, device)[0]

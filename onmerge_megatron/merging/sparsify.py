@@ -65,6 +65,18 @@ SAMPLE = 1 << 14
 """Elements in the strided sample `sample_cut` reads (segments above 4x this are sampled)."""
 
 
+def sample_positions(n: int, device: torch.device | None = None) -> torch.Tensor:
+    """The strided sample `sample_cut` reads of a segment of n > 4 * SAMPLE elements."""
+    return torch.arange(0, n, n // SAMPLE, device=device)
+
+
+def cut_from_sample(sample: torch.Tensor, n: int, k: int, depth: float) -> torch.Tensor:
+    """`sample_cut` of a large segment from the magnitudes at its `sample_positions` alone."""
+    expected = k / n * sample.numel()
+    rank = min(sample.numel(), int(depth * expected + 4.0 * expected**0.5 + 16))
+    return torch.kthvalue(sample, sample.numel() - rank + 1).values
+
+
 def sample_cut(magnitude: torch.Tensor, k: int, depth: float) -> torch.Tensor:
     """A magnitude about ``depth * k`` elements deep into ``magnitude`` (0-d tensor), read off a
     strided sample when the tensor is large (above 4 * SAMPLE elements), exactly otherwise.
@@ -74,12 +86,13 @@ def sample_cut(magnitude: torch.Tensor, k: int, depth: float) -> torch.Tensor:
     """
     n = magnitude.numel()
     if n > 4 * SAMPLE:
-        sample = magnitude[:: n // SAMPLE]
-        expected = k / n * sample.numel()
-        rank = min(sample.numel(), int(depth * expected + 4.0 * expected**0.5 + 16))
-        return torch.kthvalue(sample, sample.numel() - rank + 1).values
+        return cut_from_sample(magnitude[:: n // SAMPLE], n, k, depth)
     rank = min(n, int(depth * k) + 16)
     return torch.kthvalue(magnitude, n - rank + 1).values
+
+
+CANDIDATE_DEPTH = 1.25
+"""How deep below the k-th largest (in multiples of k) the sample's cut for candidates is aimed."""
 
 
 def _candidates(magnitude: torch.Tensor, k: int) -> torch.Tensor:
@@ -92,7 +105,7 @@ def _candidates(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     n = magnitude.numel()
     if n <= 4 * SAMPLE:
         return torch.arange(n, device=magnitude.device)
-    candidates = torch.nonzero(magnitude >= sample_cut(magnitude, k, 1.25)).squeeze(1)
+    candidates = torch.nonzero(magnitude >= sample_cut(magnitude, k, CANDIDATE_DEPTH)).squeeze(1)
     if candidates.numel() < k:
         return torch.arange(n, device=magnitude.device)
     return candidates

@@ -21,7 +21,12 @@ What is used, and why:
   FusedAdam keep it in the param groups, which is why megatron does not hit this on GPUs.
 - Adam's ``step`` around a load (``init_adam_state_for_loading``, ``restore_adam_steps``).
 - dist_checkpointing's writer results queue (``checkpoint_results_queue_dies_with_process``).
-- The CPU stand-ins for megatron-core's CUDA-only spots (``enable_cpu_shims``, used by cpu.py).
+- The CPU stand-ins for megatron-core's CUDA-only spots (``enable_cpu_shims``, used by cpu.py),
+  and for Megatron-LM's ``megatron.training`` (``enable_cpu_megatron_lm_shims``), plus the wheel's
+  prebuilt dataset helpers for Megatron-LM's ``initialize_megatron`` (``use_prebuilt_dataset_helpers``).
+- Packed sequences: GPTModel's ``rotary_pos_emb`` (``rope_at_positions``: megatron-core's RoPE
+  ignores ``position_ids`` and rotates position t of every row by t) and ``PackedSeqParams`` for
+  Transformer Engine's THD attention.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ import multiprocessing as mp
 import os
 import sys
 import threading
+import types
 from multiprocessing.managers import SyncManager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -514,6 +520,17 @@ def _patch_rng(module: Any) -> None:
     module._set_cuda_rng_state = set_state
 
 
+def _proxy_torch(module_names: Iterable[str], replacement: Any) -> None:
+    """Rebind the name ``torch`` to ``replacement`` in each module (that imports) whose ``torch`` is torch."""
+    for name in module_names:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if getattr(module, "torch", None) is torch:
+            module.torch = replacement
+
+
 def enable_cpu_shims() -> None:
     """Install the CPU stand-ins above in this process (idempotent). Called by
     ``cpu.enable_cpu_megatron``, which describes how models must be built."""
@@ -522,13 +539,7 @@ def enable_cpu_shims() -> None:
         if _cpu_shims_enabled:
             return
         require_tested_megatron()
-        for name in _PROXIED_MODULES:
-            try:
-                module = importlib.import_module(name)
-            except ImportError:
-                continue
-            if getattr(module, "torch", None) is torch:
-                module.torch = CPU_TORCH
+        _proxy_torch(_PROXIED_MODULES, CPU_TORCH)
         random_module = importlib.import_module("megatron.core.tensor_parallel.random")
         _patch_rng(random_module)
         scopes = [(m, q, _cuda_type_names) for m, q in _CUDA_TYPE_NAME_SCOPES] + [(m, q, _cuda_is_noop) for m, q in _CUDA_NOOP_SCOPES]
@@ -550,3 +561,178 @@ def enable_cpu_shims() -> None:
 
 def cpu_shims_enabled() -> bool:
     return _cpu_shims_enabled
+
+
+# ------------------------------------------------------------- Megatron-LM's training package on CPU
+# ``megatron.training`` (Megatron-LM's ``pretrain``; not in the megatron-core wheel) assumes CUDA in
+# more places than megatron-core: ``initialize_megatron`` asserts ``torch.cuda.is_available()``,
+# ``get_model`` moves the model with ``module.cuda(...)`` and builds DDP on a side CUDA stream, the
+# batch helpers move each batch with ``tensor.cuda()``, and timers / logging / the loss reduction
+# create tensors on 'cuda' and read CUDA memory statistics. ``enable_cpu_megatron_lm_shims`` gives
+# those modules the CPU proxy (a) with the stream and memory calls stubbed, and makes
+# ``Tensor.cuda()`` return the tensor itself while ``get_model`` and the batch helper run (c).
+
+_TRAINING_PROXIED_MODULES: tuple[str, ...] = (
+    "megatron.training.training",
+    "megatron.training.initialize",
+    "megatron.training.utils",
+    "megatron.training.checkpointing",
+    "megatron.training.inprocess_restart",
+    "megatron.core.timers",  # megatron-core modules only the training loop uses
+    "megatron.core.rerun_state_machine",
+)
+
+_TRAINING_CUDA_NOOP_SCOPES: tuple[tuple[str, str], ...] = (
+    ("megatron.training.training", "get_model"),
+    ("megatron.training.utils", "get_batch_on_this_tp_rank"),
+)
+
+
+class _NoStream:
+    """Stands in for a CUDA stream: CPU work is already ordered."""
+
+    def wait_stream(self, *_: Any) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+
+class _CpuCudaForTraining(_CpuCuda):
+    """``torch.cuda`` inside Megatron-LM's training modules on CPU."""
+
+    # initialize_megatron asserts it; the device itself is the CPU (current_device above).
+    @staticmethod
+    def is_available() -> bool:
+        return True
+
+    @staticmethod
+    def Stream(*_: Any, **__: Any) -> _NoStream:  # noqa: N802 (torch's name)
+        return _NoStream()
+
+    @staticmethod
+    def current_stream(*_: Any, **__: Any) -> _NoStream:
+        return _NoStream()
+
+    @staticmethod
+    def stream(*_: Any, **__: Any) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def memory_allocated(*_: Any, **__: Any) -> int:
+        return 0
+
+    max_memory_allocated = memory_reserved = max_memory_reserved = memory_allocated
+
+
+class _CpuTorchForTraining(_CpuTorch):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cuda = _CpuCudaForTraining()
+
+
+_training_shims_enabled = False
+
+
+def enable_cpu_megatron_lm_shims(script_modules: tuple[str, ...] = ()) -> None:
+    """Install the CPU stand-ins for Megatron-LM's ``megatron.training`` (and for the modules named
+    in ``script_modules``, e.g. ``pretrain_gpt``), on top of ``enable_cpu_shims``. Idempotent per
+    module: a later call installs nothing twice, but does rebind the modules it newly names.
+    Run with ``--distributed-backend gloo`` and the flags ``cpu.enable_cpu_megatron`` describes."""
+    global _training_shims_enabled
+    enable_cpu_shims()
+    cpu_torch = _CpuTorchForTraining()
+    with _cpu_lock:
+        _proxy_torch((*_TRAINING_PROXIED_MODULES, *script_modules), cpu_torch)
+        if not _training_shims_enabled:
+            # initialize_megatron's fused_kernels.load runs `nvcc -V` (and, in this release, builds
+            # nothing); the unfused softmax (--no-masked-softmax-fusion) needs no kernel.
+            initialize = importlib.import_module("megatron.training.initialize")
+            initialize.fused_kernels = types.SimpleNamespace(load=lambda args: None)
+        for module_name, qualname in _TRAINING_CUDA_NOOP_SCOPES:
+            found = _resolve(module_name, qualname)
+            if found is None:
+                continue
+            owner, attr, fn = found
+            if getattr(fn, "__onmerge_cpu__", False):  # wrapped by an earlier call
+                wrapped, fn = fn, fn.__wrapped__
+            else:
+                wrapped = _scoped(fn, _cuda_is_noop)
+                setattr(owner, attr, wrapped)
+            # Imported by name too (pretrain_gpt: ``from megatron.training.utils import ...``),
+            # including by script modules named only in this call.
+            for module in list(sys.modules.values()):
+                name = getattr(module, "__name__", "")
+                if (name.startswith("megatron.") or name in script_modules) and getattr(module, attr, None) is fn:
+                    setattr(module, attr, wrapped)
+        _training_shims_enabled = True
+
+
+def use_prebuilt_dataset_helpers() -> bool:
+    """Make ``megatron.core.datasets.utils.compile_helpers`` a no-op when the installed megatron-core
+    already has its compiled dataset helpers (the wheel ships ``helpers_cpp`` built, without the
+    Makefile that ``initialize_megatron`` runs ``make`` on, so Megatron-LM's ``pretrain`` against the
+    wheel exits with "Failed to compile the C++ dataset helper functions"). Returns whether it did."""
+    require_tested_megatron()
+    try:
+        importlib.import_module("megatron.core.datasets.helpers_cpp")
+    except ImportError:
+        return False  # a source checkout: megatron builds them
+    utils = importlib.import_module("megatron.core.datasets.utils")
+    utils.compile_helpers = lambda: None
+    return True
+
+
+# --------------------------------------------------------------------------- packed sequences
+
+
+def _gpt_model(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module"):  # DDP, Float16Module
+        model = model.module
+    return model
+
+
+@contextlib.contextmanager
+def rope_at_positions(model: torch.nn.Module, position_ids: torch.Tensor) -> Iterator[None]:
+    """Within the block, `model` (a GPTModel, possibly wrapped) rotates each position by its
+    `position_ids` [b, s] instead of by its index in the row: packed rows restart the positions of
+    every sequence. megatron-core's RotaryEmbedding returns the angles of positions 0..s-1 as
+    [s, 1, 1, d], broadcast over the batch; here they become [s, b, 1, d], one column per row,
+    which the unfused (bshd) rotation broadcasts the same way. Rows whose positions are 0..s-1
+    get bitwise the same angles."""
+    gpt = _gpt_model(model)
+    rope = getattr(gpt, "rotary_pos_emb", None)
+    if rope is None or gpt.config.apply_rope_fusion or gpt.config.context_parallel_size > 1:
+        raise RuntimeError("explicit RoPE positions need GPTModel's unfused rotary embedding without context parallelism")
+
+    def forward(max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group: Any = None) -> torch.Tensor:
+        emb = type(rope).forward(rope, max_seq_len, offset, packed_seq, cp_group)  # [s, 1, 1, d]
+        return emb[:, 0, 0, :][position_ids.t().to(emb.device)].unsqueeze(2)
+
+    rope.forward = forward  # an instance attribute: nn.Module.__call__ finds it first
+    try:
+        yield
+    finally:
+        del rope.forward
+
+
+def thd_packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int, cu_seqlens_padded: torch.Tensor | None = None,
+                          cp_group: Any = None) -> Any:
+    """megatron-core's PackedSeqParams for one THD row whose sequences end at `cu_seqlens`
+    (int32, on the model's device, starting with 0) and, under context parallelism, whose
+    padded slots end at `cu_seqlens_padded` and whose positions are split over `cp_group` (the
+    context-parallel group; None without CP); `max_seqlen` is the longest (padded) one."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           cu_seqlens_q_padded=cu_seqlens_padded, cu_seqlens_kv_padded=cu_seqlens_padded,
+                           max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen, cp_group=cp_group)
+
+
+def thd_partitioned_indices(cu_seqlens_padded: torch.Tensor, total: int, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """The positions of a THD row of `total` that CP rank `cp_rank` holds: Transformer Engine's
+    own choice (`thd_get_partitioned_indices`, as megatron-core's get_thd_batch_on_this_cp_rank
+    uses it), which its context-parallel attention expects."""
+    import transformer_engine_torch as tex
+
+    return tex.thd_get_partitioned_indices(cu_seqlens_padded, total, cp_size, cp_rank)

@@ -22,7 +22,8 @@ def enable_cpu_megatron(allow_untested_version: bool = False) -> None:
 
     Call it before building models or optimizers. Models must be built with
     ``use_cpu_initialization=True`` and the local layer spec (no Transformer Engine); keep
-    ``overlap_grad_reduce``/``overlap_param_gather`` and sequence parallelism off.
+    sequence parallelism off (the local norms refuse it). ``overlap_grad_reduce`` and
+    ``overlap_param_gather`` run on gloo.
     ``allow_untested_version``: accept a megatron-core version not in ``compat.TESTED_VERSIONS``.
     """
     if allow_untested_version:
@@ -32,6 +33,23 @@ def enable_cpu_megatron(allow_untested_version: bool = False) -> None:
 
 def is_cpu_megatron_enabled() -> bool:
     return compat.cpu_shims_enabled()
+
+
+def enable_cpu_megatron_lm(script_modules: tuple[str, ...] = (), allow_untested_version: bool = False) -> None:
+    """Also run Megatron-LM's ``pretrain()`` (``megatron.training``, from a Megatron-LM checkout) on
+    CPU with gloo, against the installed megatron-core. Idempotent.
+
+    Call it after importing the training script's module (e.g. ``pretrain_gpt``; name it in
+    ``script_modules`` so that its ``torch.cuda`` calls get the CPU stand-ins too) and before
+    ``pretrain``. Run with ``--distributed-backend gloo --use-cpu-initialization --transformer-impl
+    local`` and the fusions off (``--no-masked-softmax-fusion --no-bias-gelu-fusion
+    --no-bias-dropout-fusion --no-gradient-accumulation-fusion --no-persist-layer-norm
+    --no-rope-fusion``); see docs/megatron.md.
+    """
+    if allow_untested_version:
+        compat.allow_untested_megatron()
+    compat.enable_cpu_megatron_lm_shims(script_modules)
+    compat.use_prebuilt_dataset_helpers()
 
 
 def init_cpu_process_group(rank: int, world_size: int, init_method: str) -> None:

@@ -21,6 +21,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, Callable, Literal, Mapping
 
 import pydantic
@@ -50,6 +51,13 @@ class ModelConfig:
     """Hugging Face tokenizer directory; defaults to hf_path."""
     dtype: Literal["fp32", "bf16"] = "fp32"
     """Parameter dtype. bf16 is for GPUs: megatron keeps fp32 main weights in the optimizer."""
+    transformer_impl: Literal["auto", "transformer_engine", "local"] = "auto"
+    """Layer implementation: 'transformer_engine' (TE layer spec, fused attention and fusions; needs TE and a GPU),
+    'local' (megatron-core's PyTorch layers; runs anywhere), 'auto' (TE when it imports and a GPU is present)."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation: 'selective' recomputes the attention core, 'full' whole layers (see recompute_layers)."""
+    recompute_layers: int = 0
+    """With recompute 'full': layers per pipeline stage that are recomputed (0 = all of them)."""
 
 
 @dataclass
@@ -74,6 +82,11 @@ class DataConfig:
     """Length bucketing: micro-batches are formed from windows of this many micro-batches sorted by length."""
     shuffle: bool = True
     """Shuffle the data each epoch (order is a function of run.seed and the epoch)."""
+    pack_sequences: bool = False
+    """Pack several examples (a pair's chosen and rejected side together) into each row, with per-sequence
+    attention boundaries and positions; every sequence's log-prob equals the unpacked one."""
+    pack_length: int = 0
+    """Tokens per packed row (0 = 2 x data.max_length, so the longest pair fits one row)."""
 
 
 @dataclass
@@ -126,6 +139,9 @@ class OptimConfig:
     'stop' ends the run with an error, 'skip' skips the step (counted as skipped_steps in the metrics)."""
     max_consecutive_skips: int = 10
     """With nonfinite 'skip': stop after this many skipped steps in a row (the run is not recovering)."""
+    fused: Literal["auto"] | bool = "auto"
+    """The fused Triton AdamW + merge step (docs/kernels.md): 'auto' uses it on CUDA when triton imports, the
+    PyTorch engine elsewhere; true requires it; false never uses it."""
 
 
 @dataclass
@@ -140,6 +156,15 @@ class ParallelConfig:
     """Pairs per optimizer step; gradient accumulation = global / (micro * data_parallel)."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """Process-group backend: auto = nccl with GPUs, gloo on CPU."""
+    sequence_parallel: Literal["auto"] | bool = "auto"
+    """Megatron sequence parallelism (activations split along the sequence within the TP group): 'auto' = on
+    when tensor_parallel > 1."""
+    context_parallel: int = 1
+    """Context-parallel size: each sequence is split over this many ranks (needs Transformer Engine attention)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the distributed optimizer's gradient reduce-scatter with the backward pass."""
+    overlap_param_gather: bool = False
+    """Overlap the parameter all-gather after the optimizer step with the next forward pass."""
 
 
 @dataclass
@@ -162,6 +187,9 @@ class RunConfig:
     """Where checkpoints, metrics.jsonl, tensorboard/, reference_logps/ and summary.json go."""
     train_steps: int = 100
     """Optimizer steps; the data is cycled (reshuffled per epoch) if it runs out."""
+    epochs: float = 0.0
+    """If > 0, train for this many passes over the training data instead: run.train_steps is computed from
+    the number of training records and parallel.global_batch_size (rounded up)."""
     stop_at_step: int = 0
     """End this session at this step (checkpoint saved) although the schedule runs to train_steps;
     0 = run to the end. For time-limited jobs: resubmit and the run resumes."""
@@ -508,9 +536,11 @@ def validate(cfg: TrainConfig, world_size: int | None = None, check_paths: bool 
             raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
     if o.max_consecutive_skips < 1:
         raise ConfigError(f"config key 'optim.max_consecutive_skips' must be >= 1, got {o.max_consecutive_skips}")
-    if r.stop_at_step < 0 or r.stop_at_step > r.train_steps:
+    _check_epochs(cfg)
+    # With run.epochs, train_steps is known only once the data is read (steps_from_epochs checks these then).
+    if r.stop_at_step < 0 or (r.stop_at_step > r.train_steps and not r.epochs):
         raise ConfigError(f"config key 'run.stop_at_step' must be in [0, run.train_steps], got {r.stop_at_step}")
-    if cfg.optim.warmup_steps < 0 or (cfg.optim.warmup_steps and cfg.optim.warmup_steps >= r.train_steps):
+    if cfg.optim.warmup_steps < 0 or (cfg.optim.warmup_steps and cfg.optim.warmup_steps >= r.train_steps and not r.epochs):
         raise ConfigError(f"config key 'optim.warmup_steps' must be 0 or below run.train_steps ({r.train_steps}), "
                           f"got {cfg.optim.warmup_steps}")
     if g.online.needs_reference and not (g.base_hf_path or g.base_megatron_load):
@@ -519,13 +549,27 @@ def validate(cfg: TrainConfig, world_size: int | None = None, check_paths: bool 
             "'merge.base_megatron_load' (the reference delta is initial weights minus base)"
         )
     tp, pp = p.tensor_parallel, p.pipeline_parallel
+    _validate_context_parallel(cfg, check_devices)
+    cp = p.context_parallel
+    if world_size is not None and cp > 1 and world_size % (tp * pp * cp) != 0:
+        raise ConfigError(
+            f"config keys 'parallel.tensor_parallel' x 'parallel.pipeline_parallel' x 'parallel.context_parallel' = "
+            f"{tp} x {pp} x {cp} = {tp * pp * cp} does not divide the world size {world_size} (the number of processes)")
     if world_size is not None:
         if world_size % (tp * pp) != 0:
+            # Two ways out: more processes (the next multiple of tp x pp), or sizes that divide these.
+            nproc = -(-world_size // (tp * pp)) * tp * pp
+            fit_tp = math.gcd(tp, world_size)
+            fit_pp = math.gcd(pp, world_size // fit_tp)
+            sets = " ".join(f"--set parallel.{key}={value}" for key, value, was in
+                            (("tensor_parallel", fit_tp, tp), ("pipeline_parallel", fit_pp, pp)) if value != was)
             raise ConfigError(
                 f"config keys 'parallel.tensor_parallel' x 'parallel.pipeline_parallel' = {tp} x {pp} = {tp * pp} "
-                f"does not divide the world size {world_size}"
+                f"does not divide the world size {world_size} (the number of processes). Start {nproc} processes "
+                f"(torchrun --nproc-per-node {nproc} -m onmerge_megatron.training.cli train --config CONFIG.yaml), "
+                f"or fit the sizes to {world_size} process(es) ({sets})"
             )
-        dp = world_size // (tp * pp)
+        dp = world_size // (tp * pp * cp)
         if p.global_batch_size % (p.micro_batch_size * dp) != 0:
             raise ConfigError(
                 f"config key 'parallel.global_batch_size' ({p.global_batch_size}) must be a multiple of "
@@ -545,6 +589,150 @@ def validate(cfg: TrainConfig, world_size: int | None = None, check_paths: bool 
             raise ConfigError("config key 'parallel.backend' is 'nccl' but no GPU is available")
         if m.dtype == "bf16" and not torch.cuda.is_available():
             raise ConfigError("config key 'model.dtype' is 'bf16', which this trainer supports on GPU only (use fp32 on CPU)")
+    _validate_scale(cfg, check_devices)
+    _validate_packing(cfg)
+
+
+def effective_pack_length(d: DataConfig) -> int:
+    """The width of a packed row: data.pack_length, 0 meaning 2 x data.max_length (a whole pair a
+    row); 0 when data.pack_sequences is off."""
+    if not d.pack_sequences:
+        return 0
+    return d.pack_length or 2 * d.max_length
+
+
+def cp_slot_multiple(cp: int) -> int:
+    """What every row width and packed sequence slot is a multiple of under context parallelism of
+    size `cp`: 2 x cp (each sequence splits into 2 x cp chunks), 1 without it."""
+    return 2 * cp if cp > 1 else 1
+
+
+def _validate_packing(cfg: TrainConfig) -> None:
+    """data.pack_sequences / data.pack_length against the lengths and the parallel layout."""
+    d, p = cfg.data, cfg.parallel
+    if d.pack_length < 0:
+        raise ConfigError(f"config key 'data.pack_length' must be >= 0 (0: 2 x data.max_length), got {d.pack_length}")
+    if not d.pack_sequences:
+        if d.pack_length:
+            raise ConfigError(f"config key 'data.pack_length' ({d.pack_length}) applies with data.pack_sequences true only")
+        return
+    # A sequence of max_length tokens takes max_length - 1 positions (the model reads seq[:-1]),
+    # in a slot rounded up to 2 x CP positions under context parallelism.
+    chunks = cp_slot_multiple(p.context_parallel)
+    needed = max(d.max_length, -(-(d.max_length - 1) // chunks) * chunks)
+    if d.pack_length and d.pack_length < needed:
+        why = f"data.max_length {d.max_length}" + (f", slots of a multiple of 2 x parallel.context_parallel = {chunks}"
+                                                   if chunks > 1 else "")
+        raise ConfigError(f"config key 'data.pack_length' ({d.pack_length}) must be >= {needed} ({why}) so that the "
+                          "longest sequence fits a row (0: 2 x data.max_length, a whole pair a row)")
+    if p.pipeline_parallel > 1:
+        raise ConfigError(f"config key 'data.pack_sequences' is true but parallel.pipeline_parallel is {p.pipeline_parallel}: "
+                          "pipeline stages exchange fixed shapes and the number of packed rows varies per micro-batch "
+                          "(set data.pack_sequences false, or pipeline_parallel 1)")
+
+
+def _validate_context_parallel(cfg: TrainConfig, check_devices: bool) -> None:
+    """parallel.context_parallel needs Transformer Engine's attention: megatron-core's local
+    DotProductAttention asserts context_parallel_size == 1."""
+    m, p = cfg.model, cfg.parallel
+    if p.context_parallel < 1:
+        raise ConfigError(f"config key 'parallel.context_parallel' must be >= 1, got {p.context_parallel}")
+    if p.context_parallel == 1:
+        return
+    if m.transformer_impl == "local":
+        raise ConfigError(f"config key 'parallel.context_parallel' is {p.context_parallel} but model.transformer_impl is "
+                          "'local': megatron-core's local attention does not support context parallelism (use "
+                          "model.transformer_impl 'transformer_engine', or context_parallel 1)")
+    if check_devices:
+        from .model import use_transformer_engine
+
+        if not use_transformer_engine(cfg):
+            raise ConfigError(f"config key 'parallel.context_parallel' is {p.context_parallel} but this machine builds "
+                              "megatron-core's local layer spec (model.transformer_impl 'auto' without Transformer Engine "
+                              "and a GPU), whose attention does not support context parallelism (use context_parallel 1 here)")
+
+
+def _check_epochs(cfg: TrainConfig) -> None:
+    if cfg.run.epochs < 0:
+        raise ConfigError(f"config key 'run.epochs' must be >= 0 (0: run.train_steps steps), got {cfg.run.epochs}")
+
+
+def steps_from_epochs(cfg: TrainConfig, records: int) -> TrainConfig:
+    """cfg with run.train_steps = ceil(run.epochs x records / global_batch_size), for `records`
+    training records (after the held-out split). The checks against train_steps that validate()
+    leaves to this point (stop_at_step, warmup_steps) are done here."""
+    r, warmup = cfg.run, cfg.optim.warmup_steps
+    # The decimal the user wrote (0.7, not 0.69999...): a product that is a whole number stays one.
+    steps = math.ceil(Fraction(repr(r.epochs)) * records / cfg.parallel.global_batch_size)
+    computed = (f"run.train_steps = {steps}, computed from run.epochs ({r.epochs}) x {records} training records / "
+                f"parallel.global_batch_size ({cfg.parallel.global_batch_size}), rounded up")
+    if steps < 1:
+        raise ConfigError(f"config key 'run.epochs' ({r.epochs}) gives no training step: {computed}. "
+                          f"The training files hold {records} training records (after the held-out split); "
+                          f"add records, lower data.eval_fraction, or use run.train_steps with run.epochs 0")
+    if r.stop_at_step > steps:
+        raise ConfigError(f"config key 'run.stop_at_step' ({r.stop_at_step}) is past the end of the run: {computed}. "
+                          f"Set run.stop_at_step to at most {steps} (or 0), or raise run.epochs")
+    if warmup and warmup >= steps:
+        raise ConfigError(f"config key 'optim.warmup_steps' ({warmup}) must be below {computed}. "
+                          f"Lower optim.warmup_steps (e.g. --set optim.warmup_steps={steps // 10}) or raise run.epochs")
+    return dataclasses.replace(cfg, run=dataclasses.replace(r, train_steps=steps))
+
+
+def _validate_scale(cfg: TrainConfig, check_devices: bool) -> None:
+    """Layer implementation, sequence parallelism, recomputation, communication overlap and the fused
+    optimizer step: impossible combinations always, and with `check_devices` what this machine
+    cannot run (Transformer Engine, a GPU, Triton)."""
+    m, p, o = cfg.model, cfg.parallel, cfg.optim
+    if m.recompute_layers < 0:
+        raise ConfigError(f"config key 'model.recompute_layers' must be >= 0 (0: every layer), got {m.recompute_layers}")
+    if m.recompute_layers and m.recompute != "full":
+        raise ConfigError(f"config key 'model.recompute_layers' ({m.recompute_layers}) applies to model.recompute 'full' "
+                          f"only, got model.recompute {m.recompute!r}")
+    if m.recompute_layers and m.hf_path and os.path.isfile(os.path.join(m.hf_path, "config.json")):
+        per_stage = hf_model_dims(m.hf_path)["num_layers"] // p.pipeline_parallel
+        if m.recompute_layers > per_stage:
+            raise ConfigError(f"config key 'model.recompute_layers' ({m.recompute_layers}) must be at most the layers per "
+                              f"pipeline stage ({per_stage})")
+    if p.sequence_parallel is True and p.tensor_parallel == 1:
+        raise ConfigError("config key 'parallel.sequence_parallel' is true but parallel.tensor_parallel is 1: sequence "
+                          "parallelism splits activations over the tensor-parallel group (use 'auto' or false)")
+    if p.sequence_parallel is True and m.transformer_impl == "local":
+        raise ConfigError("config key 'parallel.sequence_parallel' is true but model.transformer_impl is 'local': "
+                          "megatron-core's local norm layers do not support sequence parallelism (use "
+                          "model.transformer_impl 'transformer_engine', or sequence_parallel 'auto'/false)")
+    if p.overlap_param_gather and not p.overlap_grad_reduce:
+        raise ConfigError("config key 'parallel.overlap_param_gather' is true but parallel.overlap_grad_reduce is false: "
+                          "megatron-core overlaps the parameter all-gather only together with the gradient reduce-scatter")
+    if o.fused is True and not cfg.merge.online.merges:
+        raise ConfigError("config key 'optim.fused' is true but merge.online.method is 'none': the fused kernel is the "
+                          "online-merging step (without merging megatron's own Adam steps); use 'auto' or false")
+    if not check_devices:
+        return
+    import torch
+
+    from .model import transformer_engine_available, use_transformer_engine
+
+    if m.transformer_impl == "transformer_engine":
+        if not transformer_engine_available():
+            raise ConfigError("config key 'model.transformer_impl' is 'transformer_engine' but transformer_engine does not "
+                              "import here (use 'auto' or 'local')")
+        if not torch.cuda.is_available():
+            raise ConfigError("config key 'model.transformer_impl' is 'transformer_engine' but no GPU is available "
+                              "(use 'auto' or 'local')")
+    if p.sequence_parallel is True and not use_transformer_engine(cfg):
+        raise ConfigError("config key 'parallel.sequence_parallel' is true but this machine builds megatron-core's local "
+                          "layer spec (model.transformer_impl 'auto' without Transformer Engine and a GPU), whose norm "
+                          "layers do not support sequence parallelism (use 'auto' or false here)")
+    if o.fused is True:
+        from onmerge_megatron.kernels import triton_available
+
+        interpreted = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+        if not triton_available():
+            raise ConfigError("config key 'optim.fused' is true but triton does not import here (use 'auto' or false)")
+        if not torch.cuda.is_available() and not interpreted:
+            raise ConfigError("config key 'optim.fused' is true but no GPU is available: the Triton kernel runs on CUDA "
+                              "(on CPU only under TRITON_INTERPRET=1, for tests); use 'auto' or false")
 
 
 def dump_config(cfg: TrainConfig, path: str) -> None:

@@ -38,6 +38,16 @@ exchange fixed shapes). Length bucketing keeps padding small: each epoch's permu
 into windows of `bucket_size` micro-batches, each window is sorted by length and cut into
 micro-batches, and the micro-batches are shuffled again. The order is a pure function of (seed,
 epoch), so a resumed run sees the same batches.
+
+Packing
+-------
+With `pack_sequences`, the same micro-batches (same examples, same order) are packed instead:
+their sequences (chosen, rejected, KTO's mismatched ones) go into rows of at most `pack_length`
+positions, first-fit-decreasing, no sequence split across rows. `Batch.sequence_index` says which
+sequence each position belongs to; attention stays within a sequence (a block-diagonal causal
+mask, or Transformer Engine's THD cu_seqlens) and positions restart at 0 for each sequence, so
+every sequence's log-prob is the one it has alone in a row. The row width is the smallest that
+keeps the number of rows FFD needs at `pack_length`, which leaves little padding.
 """
 
 from __future__ import annotations
@@ -304,10 +314,20 @@ class Batch:
     example_ids: torch.Tensor  # [B] indices into the dataset (for cached reference log-probs)
     labels_desirable: torch.Tensor | None = None  # [B] bool, KTO only
     reference_logps: torch.Tensor | None = None  # [S] filled from the cache when available
+    # Packed rows ([R, T], R <= S): the sequence (in the order above) of each position, -1 on
+    # padding. None: row i is sequence i.
+    sequence_index: torch.Tensor | None = None
+    packed_sequences: int = 0  # S when packed
+    # Packed: [K, 2] (length, padded length) of the rows' THD segments, the rows laid end to end:
+    # every sequence (its slot padded to a multiple of 2 x CP under context parallelism), and
+    # every row's padding tail.
+    segments: torch.Tensor | None = None
+    pad_tokens: int = 0  # positions of the rows holding no sequence (padding), before any split
+    row_tokens: int = 0  # all positions of the rows (R x T), before any split
 
     @property
-    def completion_lengths(self) -> torch.Tensor:
-        return self.loss_mask.sum(-1)
+    def num_sequences(self) -> int:
+        return self.input_ids.shape[0] if self.sequence_index is None else self.packed_sequences
 
 
 def sequences_for(example: Example, kind: str, examples: Sequence[Example]) -> list[tuple[list[int], list[int]]]:
@@ -323,16 +343,10 @@ def kl_partner(index: int, n: int) -> int:
     return (index + 1) % n
 
 
-def collate(
-    examples: Sequence[Example],
-    ids: Sequence[int],
-    kind: str,
-    pad_id: int,
-    max_length: int,
-    pad_to: int | None = None,
-    with_kl: bool = False,
-) -> Batch:
-    """Build a micro-batch for the examples `ids` (see Batch for the sequence order)."""
+def batch_sequences(examples: Sequence[Example], ids: Sequence[int], kind: str, max_length: int,
+                    with_kl: bool = False) -> list[tuple[list[int], list[int]]]:
+    """The (prompt, completion) sequences of a micro-batch, in Batch order: every example's first
+    sequence (chosen), then the rejected ones, then KTO's mismatched ones."""
     chosen_seqs: list[tuple[list[int], list[int]]] = []
     rejected_seqs: list[tuple[list[int], list[int]]] = []
     kl_seqs: list[tuple[list[int], list[int]]] = []
@@ -346,27 +360,174 @@ def collate(
             partner = examples[kl_partner(i, len(examples))]
             room = max_length - len(ex.prompt_ids)
             kl_seqs.append((ex.prompt_ids, partner.completions[0][:room]))
-    seqs = chosen_seqs + rejected_seqs + kl_seqs
+    return chosen_seqs + rejected_seqs + kl_seqs
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _fill_row(input_ids: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, row: int, start: int,
+              prompt: list[int], completion: list[int]) -> int:
+    """Write one sequence at [row, start:]; return the positions it takes (its length - 1)."""
+    seq = torch.tensor(prompt + completion, dtype=torch.long)
+    length = len(seq) - 1
+    input_ids[row, start : start + length] = seq[:-1]
+    labels[row, start : start + length] = seq[1:]
+    # Position t predicts token t+1; it is a completion token iff t+1 >= len(prompt).
+    loss_mask[row, start + len(prompt) - 1 : start + length] = 1.0
+    return length
+
+
+def _desirable(examples: Sequence[Example], ids: Sequence[int], kind: str) -> torch.Tensor | None:
+    if kind != "unpaired":
+        return None
+    return torch.tensor([bool(examples[i].label) for i in ids], dtype=torch.bool)
+
+
+def collate(
+    examples: Sequence[Example],
+    ids: Sequence[int],
+    kind: str,
+    pad_id: int,
+    max_length: int,
+    pad_to: int | None = None,
+    with_kl: bool = False,
+    multiple: int = 1,
+) -> Batch:
+    """Build a micro-batch for the examples `ids`, one sequence a row (see Batch for the order).
+    The width is rounded up to a multiple of `multiple` (sequence / context parallel splits)."""
+    seqs = batch_sequences(examples, ids, kind, max_length, with_kl)
     # The model reads seq[:-1] and predicts seq[1:], so T = longest sequence - 1.
     width = max(len(p) + len(c) for p, c in seqs) - 1
     if pad_to is not None:
         width = max(width, pad_to - 1)
+    width = _round_up(width, multiple)
     n = len(seqs)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     labels = torch.full((n, width), pad_id, dtype=torch.long)
     loss_mask = torch.zeros((n, width), dtype=torch.float32)
-    for row, (p, c) in enumerate(seqs):
-        seq = torch.tensor(p + c, dtype=torch.long)
-        length = len(seq) - 1
-        input_ids[row, :length] = seq[:-1]
-        labels[row, :length] = seq[1:]
-        # Position t predicts token t+1; it is a completion token iff t+1 >= len(prompt).
-        loss_mask[row, len(p) - 1 : length] = 1.0
+    used = sum(_fill_row(input_ids, labels, loss_mask, row, 0, p, c) for row, (p, c) in enumerate(seqs))
     position_ids = torch.arange(width, dtype=torch.long).unsqueeze(0).expand(n, width).contiguous()
-    desirable = None
-    if kind == "unpaired":
-        desirable = torch.tensor([bool(examples[i].label) for i in ids], dtype=torch.bool)
-    return Batch(input_ids, labels, loss_mask, position_ids, torch.tensor(list(ids), dtype=torch.long), desirable)
+    return Batch(input_ids, labels, loss_mask, position_ids, torch.tensor(list(ids), dtype=torch.long),
+                 _desirable(examples, ids, kind), pad_tokens=n * width - used, row_tokens=n * width)
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of `lengths` per row: longest first, each into the first row it fits (ties by
+    index, so the result is a pure function of the lengths). Rows keep their indices sorted."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r, room in enumerate(free):
+            if lengths[i] <= room:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(capacity - lengths[i])
+    return [sorted(row) for row in rows]
+
+
+def pack_sequences(lengths: Sequence[int], pack_length: int, names: Sequence[str] | None = None) -> list[list[int]]:
+    """Rows of sequence indices for sequences of `lengths` positions in rows of at most
+    `pack_length`: as few rows as first-fit-decreasing needs at `pack_length`, then the smallest
+    row width that still packs into that many rows (so the rows come out evenly filled and the
+    padding to the longest row is small). A sequence longer than `pack_length` is a DataError
+    naming it (`names[i]`)."""
+    for i, n in enumerate(lengths):
+        if n > pack_length:
+            what = names[i] if names is not None else f"sequence {i}"
+            raise DataError(f"{what}: {n} positions do not fit data.pack_length={pack_length}")
+    if not lengths:
+        return []
+    rows = first_fit_decreasing(lengths, pack_length)
+    # FFD's row count is not monotone in the width, so bisect for a width that reaches it and
+    # keep the smallest one found; pack_length always does.
+    best, lo, hi = rows, max(max(lengths), -(-sum(lengths) // len(rows))), pack_length
+    while lo < hi:
+        mid = (lo + hi) // 2
+        candidate = first_fit_decreasing(lengths, mid)
+        if len(candidate) <= len(rows):
+            best, hi = candidate, mid
+        else:
+            lo = mid + 1
+    return best
+
+
+def collate_packed(
+    examples: Sequence[Example],
+    ids: Sequence[int],
+    kind: str,
+    pad_id: int,
+    max_length: int,
+    pack_length: int,
+    with_kl: bool = False,
+    multiple: int = 1,
+    sequence_multiple: int = 1,
+) -> Batch:
+    """The micro-batch of `collate`, its sequences packed into rows (see Packing above): the same
+    sequences in the same order, told apart by `sequence_index`; positions restart at 0 for
+    each. Each sequence takes a slot of its length rounded up to `sequence_multiple` (context
+    parallelism splits every THD sequence into 2 x CP equal chunks); the width is the longest
+    row, rounded up to a multiple of `multiple`."""
+    seqs = batch_sequences(examples, ids, kind, max_length, with_kl)
+    lengths = [len(p) + len(c) - 1 for p, c in seqs]
+    slots = [_round_up(n, sequence_multiple) for n in lengths]
+    names = _sequence_names(examples, ids, kind) if max(slots) > pack_length else None  # only for the error
+    rows = pack_sequences(slots, pack_length, names)
+    width = _round_up(max(sum(slots[i] for i in row) for row in rows), multiple)
+    n = len(rows)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((n, width), dtype=torch.float32)
+    position_ids = torch.zeros((n, width), dtype=torch.long)
+    sequence_index = torch.full((n, width), -1, dtype=torch.long)
+    segments: list[tuple[int, int]] = []
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            length = _fill_row(input_ids, labels, loss_mask, r, start, *seqs[i])
+            position_ids[r, start : start + length] = torch.arange(length)
+            sequence_index[r, start : start + length] = i
+            segments.append((length, slots[i]))
+            start += slots[i]
+        if start < width:
+            segments.append((width - start, width - start))
+    used = sum(lengths)
+    return Batch(input_ids, labels, loss_mask, position_ids, torch.tensor(list(ids), dtype=torch.long),
+                 _desirable(examples, ids, kind), sequence_index=sequence_index, packed_sequences=len(seqs),
+                 segments=torch.tensor(segments, dtype=torch.long), pad_tokens=n * width - used, row_tokens=n * width)
+
+
+def _sequence_names(examples: Sequence[Example], ids: Sequence[int], kind: str) -> list[str]:
+    """Names of a micro-batch's sequences in Batch order, for errors."""
+    sides = ("chosen", "rejected") if kind == "pairs" else ("completion", "mismatched completion of the KL estimate")
+    return [f"{examples[i].source or f'example {i}'} ({side})" for side in sides for i in ids]
+
+
+def sequence_sums(values: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """[S] per-sequence sums of per-position `values` [R, T] (e.g. token log-probs times the
+    loss mask), in Batch order, for packed rows as for one sequence a row.
+
+    Packed: a gather, not a scatter-add (whose CUDA atomics would add in a varying order): every
+    sequence lies within one row, so an [S, T] table of its positions (padded with an extra zero)
+    holds it, in position order."""
+    if batch.sequence_index is None:
+        return values.sum(-1)
+    index = batch.sequence_index.to(values.device).reshape(-1)
+    n, width, device = index.numel(), values.shape[-1], values.device
+    order = torch.argsort(index, stable=True)  # padding (-1) first, then each sequence's positions in order
+    counts = torch.bincount(index + 1, minlength=batch.num_sequences + 1)
+    starts = torch.cumsum(counts, 0)[:-1]  # where sequence s begins in `order`
+    slot = torch.arange(width, device=device)
+    table = torch.where(slot < counts[1:, None], order[(starts[:, None] + slot).clamp(max=n - 1)], n)
+    flat = torch.cat([values.reshape(-1), values.new_zeros(1)])
+    return flat[table].sum(-1)
 
 
 def example_length(example: Example) -> int:

@@ -44,7 +44,8 @@ def init_distributed(cfg: TrainConfig) -> None:
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
         parallel_state.destroy_model_parallel()
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                                 context_parallel_size=cfg.parallel.context_parallel)
         torch.manual_seed(seed)
         model_parallel_cuda_manual_seed(seed)
     else:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from .checkpoints import atomic_open, brief, file_sha256
 from .config import TrainConfig
+from .context_parallel import context_parallel_group, sequence_logps
 from .data import Batch, Example, eval_microbatches
 from .parallel import device
 
@@ -52,7 +53,9 @@ def fingerprint(cfg: TrainConfig, split: str, files: Sequence[str], n_examples: 
 
 
 def _collect(batch: Any, output: torch.Tensor):
-    seq_logps = (-output.float() * batch.loss_mask).sum(-1)
+    # Per sequence, whether the batch is packed or not and however CP splits it: the cached
+    # values are the same for every layout.
+    seq_logps, _ = sequence_logps(-output.float(), batch, context_parallel_group())
     return torch.zeros((), device=output.device), {"logps": seq_logps.detach().double().cpu(), "ids": batch.example_ids.cpu()}
 
 
@@ -79,7 +82,7 @@ def compute_reference_logps(forward_step: ForwardStep, make_batch: Callable[[lis
             seq_length=batches[0].input_ids.shape[1], micro_batch_size=batches[0].input_ids.shape[0],
             forward_only=True,
         )
-        if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
+        if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0:
             for item in results:
                 ids, logps = item["ids"], item["logps"]
                 table[ids] = logps.view(columns, len(ids)).t()

@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -29,3 +30,19 @@ def tiny_other_base(tmp_path_factory, tiny_base):
 
     out = tmp_path_factory.mktemp("tiny_other")
     return make_base(str(out), DATA, seed=1)
+
+
+@pytest.fixture()
+def make_model_dir(tmp_path):
+    """A factory of model directories holding only a small Llama config.json (what validation and
+    the planner read): `make_model_dir(num_hidden_layers=2)` returns the directory's path."""
+
+    def make(num_hidden_layers: int = 2) -> str:
+        d = tmp_path / f"model_{num_hidden_layers}"
+        d.mkdir(exist_ok=True)
+        (d / "config.json").write_text(json.dumps(
+            {"model_type": "llama", "num_hidden_layers": num_hidden_layers, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 384}))
+        return str(d)
+
+    return make

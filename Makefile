@@ -9,6 +9,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NPROC ?= 2
 PYTEST_ARGS ?=
+# bash's `time` ends `make test` and `make test-fast` with their wall time (also when tests fail).
+SHELL := /bin/bash
+export TIMEFORMAT := wall time: %lR
 
 .PHONY: setup demo test test-fast bench clean
 
@@ -17,17 +20,17 @@ setup: $(STAMP)
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip setuptools wheel -c constraints.txt
-	$(PY) -m pip install -c constraints.txt -e ".[megatron,deepspeed,kernels,dev]"
+	$(PY) -m pip install -c constraints.txt -e ".[megatron,deepspeed,kernels,eval,dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m onmerge_megatron.training.tiny_pipeline --out runs/tiny
 
 test: $(STAMP)
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	time $(PY) -m pytest tests $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+	time $(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/optimizer_step.py

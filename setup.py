@@ -24,9 +24,12 @@ setup(
             "tensorboard",
             "matplotlib",
             "pydantic>=2",  # the trainer's YAML type checks (training/config.py)
+            "six",  # Megatron-LM's megatron.training imports it (tests/megatron/test_megatron_lm.py)
         ],
         "deepspeed": ["deepspeed>=0.16", "transformers>=4.56.2,<5", "accelerate>=1.0", "trl>=1.0", "safetensors"],
         "kernels": ["triton>=3.0"],
+        # `onmerge eval` and the CPU study's scoring (docs/eval.md); scipy for the study's t intervals.
+        "eval": ["lm-eval>=0.4.9,<0.5", "transformers>=4.56.2,<5", "matplotlib", "scipy"],
         "dev": ["pytest>=8", "pytest-timeout"],
     },
     entry_points={"console_scripts": ["onmerge=onmerge_megatron.training.cli:main"]},

@@ -1,15 +1,15 @@
 """The method grid, the DPO run every online method shares, and offline merges of task vectors.
 
 Every trained method is one `OnlineMergingAdamW` configuration (the project's optimizer), trained
-with the project's `dpo_loss` on precomputed reference log-probs:
-- ``adamw``: method="none" (bit-identical to torch AdamW), swept over DPO beta;
+with the project's `dpo_loss` on precomputed reference log-probs, and is a *curve*: one run,
+checkpointed at several step counts (`DPOSettings.checkpoints`), so each method is judged along
+its whole reward-versus-tax frontier rather than at one step count:
+- ``adamw``: method="none" (bit-identical to torch AdamW), at two DPO betas;
 - ``ema``: method="none" with weight_ema, evaluated on the EMA weights;
-- ``grad_dropout``: OnDARE with alpha = 0 (ChildTuning-F style);
-- ``ondare`` / ``onties``: swept over alpha;
-- ``ondare_stepk``: OnDARE with merge_every = K;
-- ``ondare_keep`` / ``onties_keep``: swept over the keep rate p.
-Offline merges (``offline_linear``, ``offline_dare``, ``offline_ties``) merge the final AdamW
-DPO model (beta = the default) with the SFT model, mergekit-style:
+- ``ondare`` / ``onties``: OnDARE and OnTIES at p = 0.1; ``onties_keep``: OnTIES at p = 0.5.
+Offline merges (``offline_linear``; ``offline_dare`` and ``offline_ties`` are available to
+`offline_merge`) merge the final AdamW DPO model (beta = the default) with the SFT model,
+mergekit-style, and are traced over the merge weight w:
 theta = theta_base + (1 - w) * F(tau_dpo) (+) w * F(tau_sft), tau = model - base, built from the
 engine's own sparsifiers (`rng.keep_positions`, `sparsify.top_k_positions`) and sign consensus
 (`consensus.sign_unweighted`).
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from transformers import LlamaForCausalLM
@@ -29,19 +30,23 @@ from onmerge_megatron.merging.rng import keep_positions
 from onmerge_megatron.merging.sparsify import top_k_count, top_k_positions
 from onmerge_megatron.training.losses import dpo_loss
 
-from .models import Evaluation, evaluate, sequence_logps
-from .tasks import PreferenceData, Problem
+from .models import sequence_logps
+from .tasks import PreferenceData
 
 OFFLINE_KINDS = ("linear", "dare", "ties")
 
 
 @dataclass(frozen=True)
 class DPOSettings:
-    steps: int = 120
+    checkpoints: tuple[int, ...] = (20, 40, 60, 90, 120, 180, 240)  # steps evaluated along each run
     batch: int = 32  # preference pairs per step
     lr: float = 3e-5
     warmup: int = 10
-    beta: float = 0.1  # default DPO beta of every method but the AdamW beta sweep
+    beta: float = 0.1  # default DPO beta of every method but the second AdamW curve
+
+    @property
+    def steps(self) -> int:
+        return max(self.checkpoints)
 
 
 @dataclass(frozen=True)
@@ -64,34 +69,28 @@ class MethodPoint:
 @dataclass(frozen=True)
 class Grid:
     points: tuple[MethodPoint, ...]
-    keep_rate: float  # default p of the online methods
-    alpha: float  # default alpha (step-K and keep-rate sweeps)
+
+
+# w = 1 is the SFT model, w = 0 the AdamW DPO model; the offline curves run from one to the other.
+OFFLINE_WEIGHTS = (0.75, 0.5, 0.375, 0.25, 0.125, 0.0)
 
 
 def method_grid(mode: str) -> Grid:
-    """The methods run per seed. Quick mode runs one point per method (CI); full mode whole curves."""
-    p, a = 0.1, 1e-3
+    """The curves run per seed. Quick mode runs one curve per method family (CI); full mode adds
+    AdamW's own knob (a larger DPO beta) and OnTIES at the reference code's keep rate."""
+    p = 0.1
     full = mode == "full"
-    betas = (0.03, 0.1, 0.3) if full else (0.1,)
-    weights = (0.25, 0.5, 0.75) if full else (0.5,)
-    emas = (1e-3, 1e-2, 5e-2) if full else (1e-2,)
-    dropout_keeps = (0.1, 0.5) if full else (0.1,)
-    alphas = (1e-7, 1e-4, 1e-3, 3e-3) if full else (a,)
-    ks = (1, 5, 20) if full else (5,)
-    keeps = (0.01, 0.1, 0.5) if full else (0.5,)
     points: list[MethodPoint] = []
-    points += [MethodPoint("adamw", "beta", b, {"method": "none"}, beta=b) for b in betas]
-    points += [MethodPoint(f"offline_{k}", "weight", w, offline=k) for k in OFFLINE_KINDS for w in weights]
-    points += [MethodPoint("ema", "ema", e, {"method": "none", "weight_ema": e}) for e in emas]
-    points += [MethodPoint("grad_dropout", "keep_rate", q, {"method": "dare", "alpha": 0.0, "keep_rate": q}) for q in dropout_keeps]
-    for m in ("dare", "ties"):
-        points += [MethodPoint(f"on{m}", "alpha", x, {"method": m, "alpha": x, "keep_rate": p}) for x in alphas]
-    points += [MethodPoint("ondare_stepk", "K", k, {"method": "dare", "alpha": a, "keep_rate": p, "merge_every": k}) for k in ks]
-    for m in ("dare", "ties"):
-        points += [MethodPoint(f"on{m}_keep", "keep_rate", q, {"method": m, "alpha": a, "keep_rate": q}) for q in keeps]
-    if not full:  # one OnTIES point is enough in CI; the keep-rate curve covers OnDARE
-        points = [pt for pt in points if pt.method != "onties_keep"]
-    return Grid(tuple(points), keep_rate=p, alpha=a)
+    points += [MethodPoint("adamw", "beta", b, {"method": "none"}, beta=b) for b in ((0.1, 0.3) if full else (0.1,))]
+    points += [MethodPoint("ondare", "alpha", 1e-3, {"method": "dare", "alpha": 1e-3, "keep_rate": p})]
+    if full:
+        points += [MethodPoint("onties", "alpha", 1e-4, {"method": "ties", "alpha": 1e-4, "keep_rate": p})]
+    points += [MethodPoint("onties_keep", "keep_rate", 0.5, {"method": "ties", "alpha": 1e-4, "keep_rate": 0.5})]
+    if full:
+        points += [MethodPoint("ema", "ema", 5e-2, {"method": "none", "weight_ema": 5e-2})]
+    weights = OFFLINE_WEIGHTS if full else (0.5, 0.25)
+    points += [MethodPoint("offline_linear", "weight", w, offline="linear") for w in weights]
+    return Grid(tuple(points))
 
 
 # ----------------------------------------------------------------------------- DPO with the project's optimizer
@@ -111,11 +110,14 @@ def reference_logps(sft: LlamaForCausalLM, data: PreferenceData, chunk: int = 51
     return ReferenceLogps(run(data.chosen), run(data.rejected))
 
 
+Checkpoint = Callable[[int, LlamaForCausalLM], None]
+
+
 def train_dpo(point: MethodPoint, settings: DPOSettings, sft: LlamaForCausalLM, base: LlamaForCausalLM,
-              data: PreferenceData, ref: ReferenceLogps, seed: int, problems: list[Problem],
-              heldout: torch.Tensor) -> tuple[LlamaForCausalLM, Evaluation]:
-    """DPO from the SFT model with one optimizer configuration; returns the final model and its evaluation
-    (on the EMA weights for the EMA baseline)."""
+              data: PreferenceData, ref: ReferenceLogps, seed: int, on_checkpoint: Checkpoint) -> LlamaForCausalLM:
+    """DPO from the SFT model with one optimizer configuration; `on_checkpoint(step, model)` is called
+    at every step count of `settings.checkpoints` (with the EMA weights in place for the EMA baseline).
+    Returns the final model (raw weights)."""
     policy = copy.deepcopy(sft)
     policy.train()
     config = OnlineMergeConfig(seed=seed, **point.merge)
@@ -125,6 +127,7 @@ def train_dpo(point: MethodPoint, settings: DPOSettings, sft: LlamaForCausalLM, 
     beta = point.beta if point.beta is not None else settings.beta
     gen = torch.Generator().manual_seed(seed + 7)  # the same batches for every method of a seed
     n = len(data.chosen)
+    checkpoints = set(settings.checkpoints)
     for step in range(settings.steps):
         for group in opt.param_groups:
             group["lr"] = settings.lr * min(1.0, (step + 1) / settings.warmup)
@@ -141,11 +144,16 @@ def train_dpo(point: MethodPoint, settings: DPOSettings, sft: LlamaForCausalLM, 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if step + 1 in checkpoints:
+            policy.eval()
+            if config.weight_ema > 0:
+                with opt.weight_ema_applied():
+                    on_checkpoint(step + 1, policy)
+            else:
+                on_checkpoint(step + 1, policy)
+            policy.train()
     policy.eval()
-    if config.weight_ema > 0:
-        with opt.weight_ema_applied():
-            return policy, evaluate(policy, problems, heldout)
-    return policy, evaluate(policy, problems, heldout)
+    return policy
 
 
 # ----------------------------------------------------------------------------- offline merging

@@ -1,4 +1,5 @@
-"""The tiny model, its pre-training and SFT, sequence log-probs, greedy decoding and evaluation."""
+"""The tiny model, its pre-training and SFT, sequence log-probs and held-out perplexity (the skills and
+the reward are scored with lm-eval: lm_eval_tasks.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .tasks import SKILLS, VOCAB, CompletionBatch, Problem, has_style, is_correct
+from .tasks import VOCAB, CompletionBatch
 
 Progress = Callable[[str], None]
 
@@ -122,53 +123,7 @@ def sequence_logps(model: LlamaForCausalLM, batch: CompletionBatch) -> torch.Ten
 
 
 @torch.no_grad()
-def greedy_outputs(model: LlamaForCausalLM, prompts: list[str], max_new_tokens: int = 8) -> list[str]:
-    """Greedy completions. Prompts of equal length are decoded together (no padding needed)."""
-    outputs: dict[int, str] = {}
-    by_length: dict[int, list[int]] = {}
-    encoded = [[VOCAB.BOS] + VOCAB.encode(p) for p in prompts]
-    for i, e in enumerate(encoded):
-        by_length.setdefault(len(e), []).append(i)
-    for indices in by_length.values():
-        ids = torch.tensor([encoded[i] for i in indices], dtype=torch.long)
-        past = None
-        step_input = ids
-        generated = []
-        for _ in range(max_new_tokens):
-            out = model(input_ids=step_input, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            next_token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
-            generated.append(next_token)
-            step_input = next_token
-            if (torch.cat(generated, dim=1) == VOCAB.EOS).any(dim=1).all():
-                break
-        gen = torch.cat(generated, dim=1).tolist()
-        for row, i in enumerate(indices):
-            outputs[i] = VOCAB.decode(gen[row])
-    return [outputs[i] for i in range(len(prompts))]
-
-
-@dataclass
-class Evaluation:
-    reward: float  # fraction of greedy outputs with the preferred style
-    accuracy: float  # exact skill accuracy over all held-out problems
-    accuracy_by_skill: dict[str, float]
-    heldout_ppl: float  # perplexity on held-out pre-training windows
-
-
-@torch.no_grad()
-def evaluate(model: LlamaForCausalLM, problems: list[Problem], heldout_windows: torch.Tensor) -> Evaluation:
+def heldout_perplexity(model: LlamaForCausalLM, heldout_windows: torch.Tensor) -> float:
+    """Perplexity on held-out pre-training windows: a second, softer tax measure."""
     model.eval()
-    outputs = greedy_outputs(model, [p.prompt for p in problems])
-    correct = [is_correct(p, o) for p, o in zip(problems, outputs)]
-    by_skill = {
-        s: sum(c for p, c in zip(problems, correct) if p.skill == s) / max(1, sum(p.skill == s for p in problems))
-        for s in SKILLS
-    }
-    loss = model(input_ids=heldout_windows, labels=heldout_windows).loss.item()
-    return Evaluation(
-        reward=sum(has_style(o) for o in outputs) / len(outputs),
-        accuracy=sum(correct) / len(correct),
-        accuracy_by_skill=by_skill,
-        heldout_ppl=math.exp(loss),
-    )
+    return math.exp(model(input_ids=heldout_windows, labels=heldout_windows).loss.item())

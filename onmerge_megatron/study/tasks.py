@@ -221,13 +221,20 @@ class PreferenceData:
     rejected: CompletionBatch
 
 
+def preference_records(n: int, content_accuracy: float, rng: random.Random, held_out: bool) -> list[tuple[str, str, str]]:
+    """(prompt, chosen, rejected) texts: chosen carries the style, contents drawn independently."""
+    records = []
+    for p in sample_problems(n, rng, held_out=held_out):
+        good = p.answer if rng.random() < content_accuracy else near_miss(p, rng)
+        plain = p.answer if rng.random() < content_accuracy else near_miss(p, rng)
+        records.append((p.prompt, styled(good), plain))
+    return records
+
+
 def preference_data(settings: PreferenceSettings, rng: random.Random) -> PreferenceData:
-    chosen, rejected = [], []
-    for p in sample_problems(settings.pairs, rng, held_out=False):
-        good = p.answer if rng.random() < settings.content_accuracy else near_miss(p, rng)
-        plain = p.answer if rng.random() < settings.content_accuracy else near_miss(p, rng)
-        chosen.append((p.prompt, styled(good)))
-        rejected.append((p.prompt, plain))
+    records = preference_records(settings.pairs, settings.content_accuracy, rng, held_out=False)
+    chosen = [(prompt, c) for prompt, c, _ in records]
+    rejected = [(prompt, r) for prompt, _, r in records]
     # Pad both sides to one length so that a step can run them as one batch.
     both = completion_batch(chosen + rejected)
     n = len(chosen)

@@ -1,4 +1,5 @@
-"""Command line: `onmerge train --config FILE.yaml [--set key=value ...]`.
+"""Command line: `onmerge train --config FILE.yaml [--set key=value ...]`, and
+`onmerge export-hf --checkpoint DIR --out DIR` (a saved checkpoint in Hugging Face format).
 
 Single process:        onmerge train --config configs/tiny_cpu_dpo.yaml
 Several processes:     torchrun --nproc-per-node 2 -m onmerge_megatron.training.cli train --config ...
@@ -33,6 +34,21 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--out", required=True, help="output checkpoint directory")
     conv.add_argument("--tensor-parallel", type=int, default=1)
     conv.add_argument("--pipeline-parallel", type=int, default=1)
+    exp = sub.add_parser("export-hf", help="export a checkpoint of a run in Hugging Face format (one process, any TP/PP)")
+    exp.add_argument("--checkpoint", required=True,
+                     help="a checkpoint directory (OUTPUT_DIR/checkpoints/step_N), or a run's output_dir for its newest intact one")
+    exp.add_argument("--out", required=True, help="the export directory (written whole or not at all)")
+    exp.add_argument("--hf", default=None, help="the HF model the run started from (architecture, tokenizer, generation "
+                     "config); default: model.hf_path as saved in the checkpoint")
+    exp.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
+    from .plan import add_arguments as add_plan_arguments
+
+    add_plan_arguments(sub.add_parser("plan", help="per-GPU memory (and time) of a config at a world size, "
+                                      "without launching it; exit status 1 when it does not fit"))
+    from ..evaluation.cli import add_arguments as add_eval_arguments
+
+    add_eval_arguments(sub.add_parser("eval", help="capability tasks (lm-eval), preference reward and tax "
+                                      "against the SFT model; see docs/eval.md"))
     # Its own options (see tiny_pipeline.py); main() hands them over untouched.
     sub.add_parser("tiny-pipeline", help="the tiny base -> SFT -> DPO+OnDARE pipeline (run under torchrun); "
                    "options: see python -m onmerge_megatron.training.tiny_pipeline --help")
@@ -48,6 +64,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = build_parser().parse_args(argv)
     quiet_library_warnings()
+    if args.command == "plan":
+        from .plan import run as run_plan
+
+        return run_plan(args)
+    if args.command == "eval":
+        from ..evaluation.cli import run as run_eval
+
+        return run_eval(args)
+    if args.command == "export-hf":
+        from .export import run_export_command
+
+        return run_export_command(args.checkpoint, args.out, args.hf, args.overwrite)
     train = args.command == "train"
     if args.command == "convert-hf":
         from .export import convert_hf_to_megatron
@@ -73,7 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     from .loop import Trainer
     from .parallel import is_rank0
 
-    result = Trainer(cfg).train()
+    try:
+        result = Trainer(cfg).train()
+    except ConfigError as exc:  # found once the data is read (run.epochs against the record count)
+        if is_rank0():
+            print(f"config error: {exc}", file=sys.stderr)
+        return 2
     if is_rank0():
         print(f"done: {result.step} steps in {result.seconds:.1f}s; outputs in {result.output_dir}")
     import torch.distributed as dist

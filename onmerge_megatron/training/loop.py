@@ -22,15 +22,15 @@ import json
 import os
 import time
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from . import checkpoints as ckpt
 from ..merging.merger import MergeStats
-from ..optim import reduce_merge_stats
-from .config import TrainConfig, dump_config
+from ..optim import OnlineMergingAdamW, reduce_merge_stats
+from .config import TrainConfig, dump_config, steps_from_epochs
 from .data import DataStats, StepSampler, load_examples, split_holdout
 from .dist_checkpoint import (
     CHECKPOINT_METADATA,
@@ -45,11 +45,30 @@ from .dist_checkpoint import (
 from .export import export_hf_weights
 from .forward_backward import ForwardBackward, finalize_sums, format_metrics
 from .metrics import MetricsLogger
-from .model import make_bridge, unwrap
-from .model_setup import build_and_load, frozen_reference_model, wrap_ddp
+from .model import LayerSettings, make_bridge, unwrap
+from .model_setup import build_and_load, frozen_reference_model, sync_params, wrap_ddp
 from .parallel import device, init_distributed, is_rank0, log0
 
 # --------------------------------------------------------------------------- the trainer
+
+
+def inner_optimizer_class(cfg: TrainConfig) -> Callable[..., OnlineMergingAdamW]:
+    """The online-merging optimizer megatron's distributed optimizer steps its shards with
+    (`optim.fused`): the fused Triton AdamW + merge step on CUDA when triton imports ('auto'; true
+    requires it, validation checks), the PyTorch engine otherwise. On CPU the kernel runs only
+    under Triton's interpreter (TRITON_INTERPRET=1, for tests), where true selects it."""
+    fused = cfg.optim.fused
+    if fused is False:
+        return OnlineMergingAdamW
+    from onmerge_megatron.kernels import FusedOnlineMergingAdamW, triton_available
+
+    if not triton_available():
+        return OnlineMergingAdamW
+    if torch.cuda.is_available():
+        return FusedOnlineMergingAdamW  # backend 'auto': the kernel on the (CUDA) main shards
+    if fused is True:
+        return partial(FusedOnlineMergingAdamW, backend="triton")  # interpreter (validated)
+    return OnlineMergingAdamW
 
 
 @dataclasses.dataclass
@@ -79,8 +98,6 @@ class Trainer:
         self.out = cfg.run.output_dir
         self.checkpoint_root = os.path.join(self.out, "checkpoints")
         self.lock = lock_output_dir(self.out)
-        if is_rank0():
-            dump_config(cfg, os.path.join(self.out, "config.yaml"))
         # Found (and verified) before anything is built: the merge setup depends on it.
         if cfg.run.resume:
             self.resume_from = ckpt.find_resume_checkpoint(self.checkpoint_root, log0)
@@ -112,13 +129,27 @@ class Trainer:
         self._report_data(train_stats, eval_stats)
         self.sampler = StepSampler(self.train_examples, p.micro_batch_size, self.num_microbatches, self.dp_size,
                                    d.bucket_size, cfg.run.seed, d.shuffle)
+        if cfg.run.epochs:
+            # The step count needs the training records (after the held-out split); set before the LR
+            # schedule is built and config.yaml written, so they and the checkpoints hold the computed value.
+            configured = cfg.run.train_steps
+            self.cfg = cfg = steps_from_epochs(cfg, len(self.train_examples))
+            log0(f"run.train_steps = {cfg.run.train_steps}: run.epochs {cfg.run.epochs} x {len(self.train_examples)} "
+                 f"training records / global batch {p.global_batch_size}, rounded up; this overrides the configured "
+                 f"run.train_steps ({configured})")
+        if is_rank0():
+            dump_config(cfg, os.path.join(self.out, "config.yaml"))
 
         # Model, DDP, optimizer, LR schedule
         dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
-        self.bridge = make_bridge(cfg.model.hf_path, dtype)
+        layers = LayerSettings.from_config(cfg)
+        log0(f"model: {'Transformer Engine' if layers.transformer_engine else 'local'} layer spec, sequence parallel "
+             f"{'on' if layers.sequence_parallel else 'off'}, recompute {layers.recompute}")
+        self.bridge = make_bridge(cfg.model.hf_path, dtype, layers)
         self.model = build_and_load(self.bridge, cfg.data.max_length, cfg.model.load_format, cfg.model.hf_path,
-                                    cfg.model.megatron_load)
-        self.model = wrap_ddp(self.model, bf16=cfg.model.dtype == "bf16")
+                                    cfg.model.megatron_load, layers.transformer_engine)
+        self.model = wrap_ddp(self.model, bf16=cfg.model.dtype == "bf16", overlap_grad_reduce=p.overlap_grad_reduce,
+                              overlap_param_gather=p.overlap_param_gather)
         self.optimizer, self.scheduler = self._build_optimizer()
         self.merge = self._install_merging()
 
@@ -168,6 +199,7 @@ class Trainer:
             optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
             adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=bf16,
             params_dtype=torch.bfloat16 if bf16 else torch.float32, use_distributed_optimizer=True, loss_scale=1.0,
+            overlap_param_gather=self.cfg.parallel.overlap_param_gather,
         )
         optimizer = get_megatron_optimizer(opt_config, self.model)
         self.model[0].config.grad_scale_func = optimizer.scale_loss
@@ -202,10 +234,13 @@ class Trainer:
                 source = MegatronCheckpointBase(open_checkpoint(g.base_megatron_load, "merge base"))
             where = "the checkpoint" if source == FROM_CHECKPOINT else (g.base_hf_path or g.base_megatron_load)
             log0(f"merge: reference delta = initial weights - base (from {where})")
-        self.optimizer = install_online_merging(self.optimizer, self.model, online, reference_delta_source=source, progress=False)
+        inner_class = inner_optimizer_class(self.cfg)
+        self.optimizer = install_online_merging(self.optimizer, self.model, online, reference_delta_source=source,
+                                                progress=False, optimizer_class=inner_class)
         for inner in self.optimizer.inner_optimizers:
             inner.track_update_norm = self.cfg.merge.log_update_norm
-        log0(f"merge: {online.method} p={online.keep_rate} alpha={online.alpha} every {online.merge_every} step(s)")
+        log0(f"merge: {online.method} p={online.keep_rate} alpha={online.alpha} every {online.merge_every} step(s); "
+             f"step: {'fused Triton kernel' if inner_class is not OnlineMergingAdamW else 'PyTorch engine'}")
         return self.optimizer
 
     # ------------------------------------------------------------------ train / eval
@@ -271,6 +306,7 @@ class Trainer:
         r = self.cfg.run
         keys = {"kto": ("loss", "kl", "rewards/margins", "lr"), "sft": ("loss", "lr")}.get(
             self.loss_type, ("loss", "rewards/accuracy", "rewards/margins", "lr"))
+        keys += ("padding_fraction",)  # padded positions / all positions of the step's rows
         eval_first = None
         if self.step == 0:
             eval_first = self.evaluate()
@@ -301,7 +337,9 @@ class Trainer:
         if r.save_final or self.step < r.train_steps:
             self.save_checkpoint()
         if r.export_hf and self.step == r.train_steps:
-            export_hf_weights(self.model, self.bridge, self.tokenizer, os.path.join(self.out, "hf"), self.step)
+            sync_params(self.model)
+            export_hf_weights(self.model, self.bridge, self.tokenizer, os.path.join(self.out, "hf"), self.step,
+                              self.cfg.model.hf_path)
         self.metrics.close()
         seconds = time.time() - t0
         result = TrainResult(self.step, last, eval_first, eval_last, seconds, self.out)
@@ -324,6 +362,7 @@ class Trainer:
 
     def check_weights_finite(self, what: str) -> None:
         """Refuse to write weights holding inf/NaN (collective)."""
+        sync_params(self.model)  # the last step's weights, with parameter all-gather overlap too
         refuse_nonfinite_weights(self.model, self.step, what)
 
     def save_checkpoint(self) -> str:

@@ -60,6 +60,9 @@ def make_base(out_dir: str, data_dir: str, seed: int = 0) -> str:
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, **TINY_MODEL)
+    # What save_pretrained would record; TRL builds its reference model from this field.
+    config.architectures = ["LlamaForCausalLM"]
+    config.dtype = torch.float32
     model = LlamaForCausalLM(config)
     # Written directly with safetensors (what save_pretrained writes for an untied model) to keep
     # this step free of accelerate's optional integrations.
@@ -108,35 +111,53 @@ def _series(records: list[dict], split: str, key: str) -> tuple[list, list]:
 
 
 def plot_curves(out: str, stages: list[tuple[str, str]]) -> str:
-    """Training curves: SFT NLL; then, per DPO run, loss, held-out reward accuracy, margins and the
-    held-out NLL of chosen answers (how far the policy drifts from SFT: the alignment tax)."""
+    """Training curves, 1500 x 900 px: SFT NLL; then, for every DPO run, loss, held-out reward
+    accuracy, margins and the held-out NLL of chosen answers (how far the policy drifts from SFT:
+    the alignment tax). Each run keeps one colour in every panel; train: thin line, held-out: dots."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     sft = read_metrics(os.path.join(out, "sft", "metrics.jsonl"))
-    fig, axes = plt.subplots(1, 5, figsize=(24, 4.2))
-    axes[0].plot(*_series(sft, "train", "loss"), label="train")
-    axes[0].plot(*_series(sft, "eval", "loss"), "o-", label="held-out")
-    axes[0].set_title("SFT: NLL per token")
-    panels = [("loss", "DPO loss (train: line, held-out: dots)"), ("rewards/accuracy", "held-out reward accuracy"),
-              ("rewards/margins", "held-out reward margin"), ("sft_nll", "held-out NLL of chosen (drift from SFT)")]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 9))
+    ax_sft, ax_loss, ax_acc, ax_margin, ax_nll, ax_key = axes.flat
+    sft_color = "black"
+    colors = {label: f"C{i}" for i, (label, _) in enumerate(stages)}
+
+    def train_and_eval(ax, records, key, color):
+        ax.plot(*_series(records, "train", key), color=color, alpha=0.35, linewidth=1)
+        ax.plot(*_series(records, "eval", key), "o-", color=color, markersize=4)
+
+    train_and_eval(ax_sft, sft, "loss", sft_color)
     for label, directory in stages:
         records = read_metrics(os.path.join(out, directory, "metrics.jsonl"))
-        for ax, (key, title) in zip(axes[1:], panels):
-            if key == "loss":
-                line, = ax.plot(*_series(records, "train", key), alpha=0.5, label=f"{label} train")
-                ax.plot(*_series(records, "eval", key), "o-", color=line.get_color(), label=f"{label} held-out")
-            else:
-                ax.plot(*_series(records, "eval", key), "o-", label=label)
-            ax.set_title(title)
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.legend(fontsize=8)
+        train_and_eval(ax_loss, records, "loss", colors[label])
+        for ax, key in ((ax_acc, "rewards/accuracy"), (ax_margin, "rewards/margins"), (ax_nll, "sft_nll")):
+            ax.plot(*_series(records, "eval", key), "o-", color=colors[label], markersize=4)
+    panels = (
+        (ax_sft, "SFT: NLL per token", "SFT step", "NLL per completion token (nats)"),
+        (ax_loss, "DPO loss", "DPO step", "DPO loss (nats)"),
+        (ax_acc, "held-out reward accuracy (ties count as wrong)", "DPO step", "fraction of pairs, chosen reward > rejected"),
+        (ax_margin, "held-out reward margin", "DPO step", "chosen - rejected reward (beta x log-ratio, nats)"),
+        (ax_nll, "held-out NLL of chosen answers (drift from SFT)", "DPO step", "NLL per token of chosen answers (nats)"),
+    )
+    for ax, title, xlabel, ylabel in panels:
+        ax.set_title(title, fontsize=11)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    ax_acc.set_ylim(-0.02, 1.02)
+    ax_key.axis("off")
+    handles = [Line2D([], [], color=sft_color, label="SFT")]
+    handles += [Line2D([], [], color=colors[label], linewidth=3, label=label) for label, _ in stages]
+    handles += [Line2D([], [], color="gray", alpha=0.35, label="train (every step)"),
+                Line2D([], [], color="gray", marker="o", markersize=4, label="held-out evaluation")]
+    ax_key.legend(handles=handles, loc="center", fontsize=12, frameon=False)
     fig.tight_layout()
     path = os.path.join(out, "curves.png")
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 

@@ -382,6 +382,7 @@ def test_replicas_selecting_per_tensor_equal_single_process():
             assert torch.equal(rank_result[n], p.detach()), n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("eps", [1e-8, 3e-3], ids=["eps-small", "eps-dominant"])
 def test_ties_candidates_of_large_segments_match_algorithm_2(eps, monkeypatch):
     """Segments above 4 x SAMPLE elements find OnTIES' top-k among candidates bounded without

@@ -27,11 +27,11 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 import torch
 import torch.distributed as dist
 
+from .merging import rng
 from .merging import state as merge_state
 from .merging.config import MergeCheckpointError, OnlineMergeConfig, check_compatible
 from .merging.coords import ShardCoords
 from .merging.indexing import gather
-from .merging import rng
 from .merging.merger import DarePositions, MergeHooks, MergeStats, is_merge_step, merge_segment
 from .merging.reference import ReferenceDelta, reference_draw
 from .merging.sources import DeltaFn, NameMap, delta_between, delta_from, prepare, weight_source

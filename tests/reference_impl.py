@@ -20,6 +20,23 @@ def dare_mask(seed: int, name: str, step: int, stream: int, shape: tuple[int, ..
     return mask
 
 
+def moves_outside_dare_masks(
+    before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], keep_rate: float, steps: int, seed: int = 0
+) -> tuple[list[str], int]:
+    """OnDARE (fixed tau mask) may change an element only where tau's mask or one of the steps'
+    update masks keeps it: the tensors with an element moved elsewhere, and the count of moved elements."""
+    outside, moved_total = [], 0
+    for name, old in before.items():
+        moved = (after[name].float() != old.float()).reshape(-1)
+        allowed = dare_mask(seed, name, 0, rng.STREAM_REFERENCE, tuple(old.shape), keep_rate)
+        for step in range(1, steps + 1):
+            allowed |= dare_mask(seed, name, step, rng.STREAM_UPDATE, tuple(old.shape), keep_rate)
+        if (moved & ~allowed).any():
+            outside.append(name)
+        moved_total += int(moved.sum())
+    return outside, moved_total
+
+
 def top_k_mask(x: torch.Tensor, keep_rate: float, global_index: torch.Tensor | None = None) -> torch.Tensor:
     """Keep floor(p n) largest |x|, ties to the lower global index, by a full lexicographic sort."""
     x = x.reshape(-1)

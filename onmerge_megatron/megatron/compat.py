@@ -454,34 +454,32 @@ CPU_TORCH = _CpuTorch()
 
 
 @contextlib.contextmanager
-def _cuda_type_names() -> Iterator[None]:
-    original = torch.Tensor.type
+def _tensor_method_replaced(name: str, replacement: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Iterator[None]:
+    """torch.Tensor.<name> replaced by ``replacement(original)`` inside the block."""
+    original = getattr(torch.Tensor, name)
+    setattr(torch.Tensor, name, replacement(original))
+    try:
+        yield
+    finally:
+        setattr(torch.Tensor, name, original)
 
+
+def _cuda_type_name(original: Callable[..., Any]) -> Callable[..., Any]:
     def type_(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         name = original(self, *args, **kwargs)
         if not args and not kwargs and isinstance(name, str) and name.startswith("torch.") and not name.startswith("torch.cuda."):
             return "torch.cuda." + name[len("torch.") :]
         return name
 
-    torch.Tensor.type = type_  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        torch.Tensor.type = original  # type: ignore[method-assign]
+    return type_
 
 
-@contextlib.contextmanager
-def _cuda_is_noop() -> Iterator[None]:
-    original = torch.Tensor.cuda
+def _cuda_type_names() -> contextlib.AbstractContextManager[None]:
+    return _tensor_method_replaced("type", _cuda_type_name)
 
-    def cuda(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self
 
-    torch.Tensor.cuda = cuda  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda = original  # type: ignore[method-assign]
+def _cuda_is_noop() -> contextlib.AbstractContextManager[None]:
+    return _tensor_method_replaced("cuda", lambda original: lambda self, *args, **kwargs: self)
 
 
 def _scoped(fn: Callable[..., Any], context: Callable[[], Any]) -> Callable[..., Any]:

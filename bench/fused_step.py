@@ -83,14 +83,39 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(opt: torch.optim.Optimizer, device: torch.device, warmup: int, steps: int) -> float:
+def rotating_gradients(params: dict[str, torch.nn.Parameter], sets: int, gen: torch.Generator) -> Callable[[], None]:
+    """A function that gives every parameter the next of ``sets`` random gradients (a drift plus
+    noise). A gradient that never changes makes Adam's update lr * sign(grad) everywhere after a
+    few steps, so OnTIES's top-k would be one large tie at every step, which real training never
+    shows."""
+    grads = [{n: ((torch.randn(p.shape, device=p.device, generator=gen) + 0.5) * 1e-3).to(p.dtype) for n, p in params.items()}
+             for _ in range(sets)]
+    turn = iter(range(1 << 62))
+
+    def next_gradients() -> None:
+        chosen = grads[next(turn) % sets]
+        for n, p in params.items():
+            p.grad = chosen[n]
+
+    next_gradients()
+    return next_gradients
+
+
+def time_steps(opt: torch.optim.Optimizer, device: torch.device, warmup: int, steps: int,
+               next_gradients: Callable[[], None] | None = None) -> float:
     """Median seconds per step. Warm-up steps create the state, compile kernels and, for OnTIES,
-    give the kernel its first cut prediction (its first two merges take the engine's selection)."""
+    give the kernel its first cut prediction (its first two merges take the engine's selection).
+    ``next_gradients`` runs before each step, outside the timed region."""
     for _ in range(warmup):
+        if next_gradients is not None:
+            next_gradients()
         opt.step()
     sync(device)
     times = []
     for _ in range(steps):
+        if next_gradients is not None:
+            next_gradients()
+            sync(device)
         start = time.perf_counter()
         opt.step()
         sync(device)
@@ -124,8 +149,7 @@ def main() -> None:
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     gen = torch.Generator(device=device).manual_seed(0)
     params = {n: torch.nn.Parameter((torch.randn(s, device=device, generator=gen) * 0.02).to(dtype)) for n, s in shapes.items()}
-    for p in params.values():
-        p.grad = ((torch.randn(p.shape, device=device, generator=gen) + 0.5) * 1e-3).to(dtype)
+    next_gradients = rotating_gradients(params, 3, gen)
     numel = sum(p.numel() for p in params.values())
     elem = torch.finfo(dtype).bits // 8
     dense_bytes = numel * (2 * elem + elem + 4 * elem)  # param r/w, grad r, exp_avg r/w, exp_avg_sq r/w
@@ -177,7 +201,7 @@ def main() -> None:
             print(f"| {label} | {why} | | | |")
             continue
         opt = build()
-        seconds = time_steps(opt, device, args.warmup, args.steps)
+        seconds = time_steps(opt, device, args.warmup, args.steps, next_gradients)
         del opt
         gc.collect()
         if on_gpu:

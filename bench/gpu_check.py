@@ -1,6 +1,6 @@
 """The GPU check: one command, one GPU; writes docs/gpu_results.md. Run time: each part has a time
-limit (a: 120, b: 120, c: 90 s to prepare + 100 s for each of its 3 optimizer runs; 630 s in all,
-GPU_LIMITS); not yet run on a GPU.
+limit (a: 100, b: 150, c: 60 s to prepare + 90 s for each of its 3 optimizer runs; 580 s in all,
+GPU_LIMITS); about 4 to 5 minutes on an H200.
 
     bash bench/gpu_check.sh                  # on the GPU machine (installs bench/wheels/ if present)
     python bench/gpu_check.py --cpu-smoke    # the same parts at tiny sizes on CPU (what the tests run)
@@ -53,8 +53,9 @@ PARTS = ("fused", "roofline", "dpo")
 METHODS = ("none", "dare", "ties")
 METHOD_LABEL = {"none": "AdamW", "dare": "OnDARE", "ties": "OnTIES"}
 # Seconds each part's process may take on the GPU (times --time-scale): (c) is dpo_prepare once and
-# dpo_run once per method, 120 + 120 + 90 + 3 x 100 = 630 s in all.
-GPU_LIMITS = {"fused": 120, "roofline": 120, "dpo_prepare": 90, "dpo_run": 100}
+# dpo_run once per method, 100 + 150 + 60 + 3 x 90 = 580 s in all (one H200 took 58, 66, 18 and
+# 42-70 s; (b) once took over 96 s).
+GPU_LIMITS = {"fused": 100, "roofline": 150, "dpo_prepare": 60, "dpo_run": 90}
 
 
 class NotRun(Exception):
@@ -121,7 +122,7 @@ def part_fused(args: argparse.Namespace) -> dict[str, Any]:
 
             engine_params, engine = build(OnlineMergingAdamW)
             fused_params, fused = build(FusedOnlineMergingAdamW, backend="auto" if on_gpu else "triton")
-            differing, checked = 0, 0
+            differing, checked, by_state = 0, 0, {}
             for _ in range(steps):
                 for key, p in engine_params.items():
                     # Correlated gradients (a drift plus noise), as in training.
@@ -131,25 +132,36 @@ def part_fused(args: argparse.Namespace) -> dict[str, Any]:
                 fused.step()
                 for key, p in engine_params.items():
                     q = fused_params[key]
-                    pairs = [(p.detach(), q.detach())] + [(engine.state[p][s], fused.state[q][s]) for s in
-                                                          ("exp_avg", "exp_avg_sq", "merge_accumulator") if s in engine.state[p]]
-                    for a, b in pairs:
+                    pairs = [("param", p.detach(), q.detach())] + [(s, engine.state[p][s], fused.state[q][s]) for s in
+                                                                   ("exp_avg", "exp_avg_sq", "merge_accumulator") if s in engine.state[p]]
+                    for what, a, b in pairs:
                         checked += a.numel()
-                        differing += a.numel() if a.dtype != b.dtype else int((a != b).sum())
+                        count = a.numel() if a.dtype != b.dtype else int((a != b).sum())
+                        differing += count
+                        by_state[what] = by_state.get(what, 0) + count
             kernel = {k: v for k, v in fused.kernel_counts.items() if v}
             equal = differing == 0
-            all_equal &= equal
-            rows.append([label, str(dtype).replace("torch.", ""), steps, f"{checked:,}", differing,
-                         "bit-identical" if equal else "DIFFERS", ", ".join(f"{k} {v}" for k, v in sorted(kernel.items()))])
+            # Equal because the kernels stood aside (the engine ran both) proves nothing.
+            used = bool(kernel.get("fused"))
+            all_equal &= equal and used
+            result = ("bit-identical" if equal else "DIFFERS") if used else "kernel not used"
+            rows.append([label, str(dtype).replace("torch.", ""), steps, f"{checked:,}",
+                         f"{differing}" + ("" if equal else " (" + ", ".join(f"{k} {v}" for k, v in by_state.items()) + ")"),
+                         result, ", ".join(f"{k} {v}" for k, v in sorted(kernel.items()))])
     finally:
         if undo is not None:
             undo()
     where = "CUDA" if on_gpu else "CPU, Triton interpreter, engine with a correctly rounded sqrt"
-    return {"status": "ok" if all_equal else "failed: the fused step differs from the engine",
+    from onmerge_megatron.kernels.adamw_merge import rounding_misses, torch_rounding
+
+    rounding, misses = torch_rounding(device), rounding_misses(device)
+    return {"status": "ok" if all_equal else "failed: the fused step differs from the engine, or the kernels were not used",
             "headers": ["case", "dtype", "steps", "elements compared", "differing", "result", "kernel paths taken"],
             "rows": rows,
             "notes": [f"Tensors {dict(shapes)} on {where}; params, exp_avg, exp_avg_sq and the step-K accumulator "
-                      "compared after every step with torch.equal."]}
+                      "compared after every step with torch.equal.",
+                      f"torch's roundings read off the device (`torch_rounding`): {rounding}; elements each "
+                      f"candidate form misses (`rounding_misses`): {misses}."]}
 
 
 # --------------------------------------------------------------------------- (b) roofline
@@ -185,7 +197,7 @@ def part_roofline(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.cpu_smoke or not torch.cuda.is_available():
         raise NotRun("needs a CUDA GPU (HBM bandwidth)")
-    from fused_step import device_peak_gbps, optional_fused_adams, time_steps
+    from fused_step import device_peak_gbps, optional_fused_adams, rotating_gradients, time_steps
     from optimizer_step import llama_shapes
 
     from onmerge_megatron import OnlineMergeConfig, OnlineMergingAdamW
@@ -197,8 +209,7 @@ def part_roofline(args: argparse.Namespace) -> dict[str, Any]:
     shapes = llama_shapes(32000, 2048, 5632, 22, 256)  # TinyLlama-1.1B
     gen = torch.Generator(device=device).manual_seed(0)
     params = {n: torch.nn.Parameter(torch.randn(s, device=device, generator=gen) * 0.02) for n, s in shapes.items()}
-    for p in params.values():
-        p.grad = (torch.randn(p.shape, device=device, generator=gen) + 0.5) * 1e-3
+    next_gradients = rotating_gradients(params, 3, gen)
     numel = sum(p.numel() for p in params.values())
     keep = 0.01
     hyper = dict(lr=1e-5, weight_decay=0.0)
@@ -222,10 +233,11 @@ def part_roofline(args: argparse.Namespace) -> dict[str, Any]:
                       ("fused OnDARE step-K (K=2)", merging(FusedOnlineMergingAdamW, "dare", 2), dense + 8 * numel + tau_dare),
                       ("fused OnTIES", merging(FusedOnlineMergingAdamW, "ties"), dense + tau_ties)]
     rows_spec += [("engine OnDARE (unfused torch ops)", merging(OnlineMergingAdamW, "dare"), dense + tau_dare)]
-    rows = []
+    rows, syncs = [], []
     for label, build, nbytes in rows_spec:
         opt = build()
-        seconds = time_steps(opt, device, warmup=3, steps=args.bench_steps)
+        seconds = time_steps(opt, device, warmup=3, steps=args.bench_steps, next_gradients=next_gradients)
+        syncs.append(f"{label} {_profile_step(opt, label, args.work, next_gradients)}")
         del opt
         gc.collect()
         torch.cuda.empty_cache()
@@ -242,7 +254,40 @@ def part_roofline(args: argparse.Namespace) -> dict[str, Any]:
                       "(bytes read + written)." if peak else f"Peak unknown ({peak_source}); copy {copy_gbps:.0f} GB/s.",
                       "bytes/element: 28 for Adam's dense traffic, plus the step-K accumulator (read + written) and "
                       "the sparse reference delta (fp32 values; OnTIES also int32 positions) over all elements.",
+                      "Host synchronisations in one step (torch.cuda sync debug mode): " + "; ".join(syncs) + ".",
+                      "Gradients: three random sets, rotated between steps outside the timed region.",
                       *missing]}
+
+
+def _profile_step(opt, label: str, work: str, next_gradients) -> int:
+    """One more step under torch.profiler, its busiest CUDA kernels and host ops written to
+    work/profile-<label>.txt; returns the host synchronisations the step made."""
+    import warnings
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    next_gradients()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                opt.step()
+                torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    averages = prof.key_averages()
+    slug = "".join(c if c.isalnum() else "_" for c in label)[:48]
+    with open(os.path.join(work, f"profile-{slug}.txt"), "w") as f:
+        f.write(f"{label}: {len(syncs)} host synchronisations\n")
+        for w in syncs[:20]:
+            f.write(f"  sync at {w.filename}:{w.lineno}\n")
+        f.write(averages.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60) + "\n")
+        f.write(averages.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60) + "\n")
+    return len(syncs)
 
 
 # --------------------------------------------------------------------------- (c) DPO on one GPU
@@ -501,6 +546,13 @@ def atomic_write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _write_log(path: str, stdout: str | bytes | None, stderr: str | bytes | None) -> None:
+    with open(path, "w") as f:
+        for name, text in (("stdout", stdout), ("stderr", stderr)):
+            text = text.decode(errors="replace") if isinstance(text, bytes) else (text or "")
+            f.write(f"===== {name}\n{text}\n")
+
+
 def _tail(text: str, n: int = 600) -> str:
     text = " ".join(text.strip().splitlines()[-6:])
     return text[-n:]
@@ -526,11 +578,14 @@ def orchestrate(args: argparse.Namespace) -> int:
         cmd = [sys.executable, os.path.abspath(__file__), "--part", name, "--result", result_path, *common, *extra]
         started = time.time()
         print(f"[gpu_check] {name} {' '.join(extra[:2])} ...", flush=True)
+        log_path = result_path[: -len(".json")] + ".log"  # the part's whole output, for a failure's traceback
         try:
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as exc:
+            _write_log(log_path, exc.stdout, exc.stderr)
             result = {"status": f"failed: did not finish within {limit:.0f} s"}
         else:
+            _write_log(log_path, proc.stdout, proc.stderr)
             if os.path.isfile(result_path):
                 with open(result_path) as f:
                     result = json.load(f)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check in one command (see bench/gpu_check.py): fused-kernel bit equality, the optimizer
 # step against the HBM roofline, and a 1-GPU DPO run (AdamW / OnDARE / OnTIES) with the memory
-# planner's prediction; writes docs/gpu_results.md. Run time: each part has a time limit (a: 120,
-# b: 120, c: 90 s to prepare + 100 s for each of its 3 optimizer runs; 630 s in all); not yet run on a GPU.
+# planner's prediction; writes docs/gpu_results.md. Run time: each part has a time limit (a: 100,
+# b: 150, c: 60 s to prepare + 90 s for each of its 3 optimizer runs; 580 s in all); about 4 to 5 minutes on an H200.
 #
 #   bash bench/gpu_check.sh [gpu_check.py options]   run it (installs from bench/wheels/ if present)
 #   bash bench/gpu_check.sh --download               fill bench/wheels/ (on a machine with network)

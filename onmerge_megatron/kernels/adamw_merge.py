@@ -21,9 +21,11 @@ through the hooks the engine documents (`merging.merger.MergeHooks`):
 
 Bit agreement: every rounding of the engine's torch ops is reproduced (`tl.fma` where torch's
 kernels fuse, IEEE `sqrt_rn`/`div_rn`, bf16 round-to-nearest-even done on the bits, contraction
-otherwise disabled). torch's CUDA kernels divide by a Python scalar through its reciprocal and its
-CPU kernels do not: chosen per device. torch's CPU sqrt is not correctly rounded (its CUDA sqrt is),
-which bounds the agreement with the CPU engine to the last bit of the update. See docs/kernels.md.
+otherwise disabled). Where torch's kernels differ between devices or releases (which lerp and
+addcmul fuse, whether a division by a Python scalar multiplies by its reciprocal), the kernels
+follow what `torch_rounding` reads off the device. torch's CPU sqrt is not correctly rounded (its
+CUDA sqrt is), which bounds the agreement with the CPU engine to the last bit of the update. See
+docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -134,6 +136,8 @@ if triton is not None:
         WEIGHT_DECAY: tl.constexpr,
         NEGATE_GRAD: tl.constexpr,
         LERP_SMALL: tl.constexpr,
+        LERP_FUSED: tl.constexpr,
+        ADDCMUL: tl.constexpr,
         MODE: tl.constexpr,
         CANDIDATES: tl.constexpr,
         RECIPROCAL_DIV: tl.constexpr,
@@ -151,16 +155,29 @@ if triton is not None:
         m = _load_f32(exp_avg_ptr, offs, inb, STATE_BF16)
         v = _load_f32(exp_avg_sq_ptr, offs, inb, STATE_BF16)
 
-        # exp_avg.lerp_(grad, 1 - beta1): torch computes it as one fma in fp32 (CPU vector path and CUDA).
+        # exp_avg.lerp_(grad, 1 - beta1), rounded as the device's torch kernel does (`_TorchRounding`).
         diff = g - m
         if LERP_SMALL:
-            m = tl.fma(lerp_weight, diff, m)
+            if LERP_FUSED:
+                m = tl.fma(lerp_weight, diff, m)
+            else:
+                m = m + lerp_weight * diff
         else:
-            m = tl.fma(lerp_weight - 1.0, diff, g)
+            if LERP_FUSED:
+                m = tl.fma(lerp_weight - 1.0, diff, g)
+            else:
+                m = g + (lerp_weight - 1.0) * diff
         m = _round(m, STATE_BF16)
         # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2): two torch ops, two roundings.
         v = _round(v * beta2, STATE_BF16)
-        v = tl.fma(addcmul_value * g, g, v)  # torch's addcmul kernel fuses here (CPU and CUDA)
+        if ADDCMUL == 0:  # ADDCMUL_SCALED_FMA
+            v = tl.fma(addcmul_value * g, g, v)
+        elif ADDCMUL == 1:  # ADDCMUL_PRODUCT_FMA
+            v = tl.fma(addcmul_value, g * g, v)
+        elif ADDCMUL == 2:  # ADDCMUL_SCALED
+            v = v + (addcmul_value * g) * g
+        else:  # ADDCMUL_PRODUCT
+            v = v + addcmul_value * (g * g)
         v = _round(v, STATE_BF16)
         _store(exp_avg_ptr, offs, m, inb, STATE_BF16)
         _store(exp_avg_sq_ptr, offs, v, inb, STATE_BF16)
@@ -316,9 +333,102 @@ class _TiesPlan:
     capacity: int
 
 
-def _cuda_scalar_reciprocal(x: float) -> float:
-    # torch's CUDA division by a CPU scalar multiplies by opmath(1) / opmath(x), computed in float.
+DIV_TRUE, DIV_RECIPROCAL_OF_FLOAT, DIV_RECIPROCAL_OF_DOUBLE = range(3)
+"""How x / c rounds for a Python scalar c: an IEEE float division by float(c), or a multiply by a
+reciprocal, computed in float from float(c) (1.0f / float(c)) or in double from c itself and then
+rounded to float (torch 2.11's CUDA kernel)."""
+
+ADDCMUL_SCALED_FMA, ADDCMUL_PRODUCT_FMA, ADDCMUL_SCALED, ADDCMUL_PRODUCT = range(4)
+"""How addcmul_(g, g, value=c) rounds v + c g g: fma(c g, g, v) (the CPU's, and CUDA's contraction of
+``a + alpha * b * c``), fma(c, g g, v) (CUDA's explicit fma in newer torch), or without an fma."""
+
+
+@dataclass(frozen=True)
+class _TorchRounding:
+    """How the device's torch kernels round the engine's element-wise ops where C++ leaves a choice
+    (an fma or two roundings, a division or a reciprocal multiply). These differ between devices
+    and between torch releases, so they are read off the device once (`torch_rounding`) rather
+    than assumed."""
+
+    lerp_fused: bool
+    """exp_avg.lerp_(grad, w): fma(w, grad - exp_avg, exp_avg), else two roundings."""
+    addcmul: int
+    """One of the ADDCMUL_* forms."""
+    scalar_div: int
+    """One of the DIV_* forms."""
+
+    @property
+    def reciprocal_div(self) -> bool:
+        return self.scalar_div != DIV_TRUE
+
+    def reciprocal(self, x: float) -> float:
+        """The float the device's torch multiplies by to divide by the Python scalar x."""
+        return _reciprocal(x, self.scalar_div)
+
+
+def _reciprocal(x: float, form: int) -> float:
+    if form == DIV_RECIPROCAL_OF_DOUBLE:
+        return _f32(1.0 / x)
     return float(numpy.float32(1.0) / numpy.float32(x))
+
+
+_ROUNDING: dict[torch.device, _TorchRounding | None] = {}
+_PROBE_WEIGHT, _PROBE_VALUE, _PROBE_DIVISOR = 0.1, 1 - 0.999, 0.0316227766
+"""The probe's lerp weight (1 - beta1), addcmul value (1 - beta2) and divisor (a bias correction)."""
+
+
+def rounding_misses(device: torch.device) -> dict[str, dict[Any, int]]:
+    """For each op whose rounding `torch_rounding` reads, and each candidate form, how many of 4096
+    Adam-like values torch on ``device`` computes differently from the form (computed on the CPU
+    in float64 from float32 inputs: products exact, a sum rounded to float64 and then to float32,
+    which could miss one element in billions)."""
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    n = 4096
+    g = (torch.randn(n, generator=gen) + 1.0) * 1e-2
+    m = torch.randn(n, generator=gen) * 1e-2
+    # Of the size of (1 - beta2) g^2, where an fma and two roundings differ most often; half at
+    # zero, as at Adam's first step.
+    v = torch.rand(n, generator=gen) * 2e-7
+    v[: n // 2] = 0.0
+    w, c, d = _f32(_PROBE_WEIGHT), _f32(_PROBE_VALUE), _f32(_PROBE_DIVISOR)
+    g64, m64, v64 = g.double(), m.double(), v.double()
+    diff64 = (g - m).double()
+    # In place as the engine calls them, on copies (.to() of a CPU tensor to the CPU is itself).
+    lerp = m.to(device, copy=True).lerp_(g.to(device), _PROBE_WEIGHT).cpu()
+    addcmul = v.to(device, copy=True).addcmul_(g.to(device), g.to(device), value=_PROBE_VALUE).cpu()
+    divided = (v.to(device) / _PROBE_DIVISOR).cpu()
+    forms = {
+        "lerp": (lerp, {True: (w * diff64 + m64).float(), False: m + (w * diff64).float()}),
+        "addcmul": (addcmul, {
+            ADDCMUL_SCALED_FMA: ((c * g).double() * g64 + v64).float(),
+            ADDCMUL_PRODUCT_FMA: (c * (g * g).double() + v64).float(),
+            ADDCMUL_SCALED: v + (c * g) * g,
+            ADDCMUL_PRODUCT: v + c * (g * g),
+        }),
+        "div": (divided, {
+            DIV_TRUE: (v64 / d).float(),
+            DIV_RECIPROCAL_OF_FLOAT: (v64 * _reciprocal(_PROBE_DIVISOR, DIV_RECIPROCAL_OF_FLOAT)).float(),
+            DIV_RECIPROCAL_OF_DOUBLE: (v64 * _reciprocal(_PROBE_DIVISOR, DIV_RECIPROCAL_OF_DOUBLE)).float(),
+        }),
+    }
+    return {op: {form: int((result != value).sum()) for form, value in candidates.items()}
+            for op, (result, candidates) in forms.items()}
+
+
+def torch_rounding(device: torch.device) -> _TorchRounding | None:
+    """The rounding of torch's lerp_, addcmul_ and division by a scalar on ``device`` (cached): for
+    each op the one candidate form that matches torch on all but at most one of `rounding_misses`'
+    values. None when an op has no such form, or several: the kernel is then not used there."""
+    device = torch.device(device)
+    if device not in _ROUNDING:
+        chosen = {}
+        for op, misses in rounding_misses(device).items():
+            fits = [form for form, miss in misses.items() if miss <= 1]
+            chosen[op] = fits[0] if len(fits) == 1 else None
+        known = None not in chosen.values()
+        _ROUNDING[device] = _TorchRounding(chosen["lerp"], chosen["addcmul"], chosen["div"]) if known else None
+    return _ROUNDING[device]
 
 
 def _as_kernel_arg(t: torch.Tensor) -> torch.Tensor:
@@ -407,6 +517,8 @@ class FusedOnlineMergingAdamW(OnlineMergingAdamW):
             tensors.append(state[merge_state.ACCUMULATOR])
         if data.dtype not in _MARGIN or grad.dtype != data.dtype:
             return False
+        if torch_rounding(data.device) is None:  # the engine's roundings could not be reproduced
+            return False
         if state["exp_avg"].dtype not in _MARGIN or state["exp_avg_sq"].dtype != state["exp_avg"].dtype:
             return False
         return all(t.is_contiguous() and t.device == data.device for t in tensors)
@@ -436,7 +548,7 @@ class FusedOnlineMergingAdamW(OnlineMergingAdamW):
             decay=_f32(1 - lr * weight_decay),
             neg_step_size=_f32(-step_size),
             bc2_sqrt=_f32(bias_correction2_sqrt),
-            inv_bc2_sqrt=_cuda_scalar_reciprocal(bias_correction2_sqrt),
+            inv_bc2_sqrt=torch_rounding(data.device).reciprocal(bias_correction2_sqrt),
             eps=_f32(group["eps"]),
             lerp_small=abs(_f32(1 - beta1)) < 0.5,
             weight_decay=weight_decay != 0,
@@ -506,6 +618,7 @@ class FusedOnlineMergingAdamW(OnlineMergingAdamW):
         dummy = m[sl]
         cand, count = out if out is not None else (dummy, dummy)
         extra = {} if _INTERPRET else {"enable_fp_fusion": False}
+        rounding = torch_rounding(flat.device)
         grid = (triton.cdiv(n, self.block_size),)
         _adamw_merge_kernel[grid](
             _as_kernel_arg(flat[sl]),
@@ -531,10 +644,11 @@ class FusedOnlineMergingAdamW(OnlineMergingAdamW):
             WEIGHT_DECAY=s.weight_decay,
             NEGATE_GRAD=s.negate_grad,
             LERP_SMALL=s.lerp_small,
+            LERP_FUSED=rounding.lerp_fused,
+            ADDCMUL=rounding.addcmul,
             MODE=mode,
             CANDIDATES=plan is not None,
-            # torch's CUDA kernel divides by a scalar through its reciprocal; its CPU kernel divides.
-            RECIPROCAL_DIV=flat.is_cuda,
+            RECIPROCAL_DIV=rounding.reciprocal_div,
             BLOCK=self.block_size,
             **extra,
         )
@@ -546,6 +660,7 @@ class FusedOnlineMergingAdamW(OnlineMergingAdamW):
             return
         lookup, thresholds = self._gap_tables_on(segment.device, config.keep_rate)
         key0, key1 = rng.mask_key(config.seed, name)
+        rounding = torch_rounding(segment.device)
         expected = config.keep_rate * rng.BLOCK
         # Philox calls drawn per loop turn: about one turn per mask block (capped for registers).
         calls = min(1024, triton.next_power_of_2(int((expected + 4.5 * math.sqrt(expected) + 8) / 4) + 1))
@@ -566,16 +681,16 @@ class FusedOnlineMergingAdamW(OnlineMergingAdamW):
             rng.STREAM_UPDATE,
             thresholds.numel(),
             _f32(update.bias_correction2_sqrt),
-            _cuda_scalar_reciprocal(update.bias_correction2_sqrt),
+            rounding.reciprocal(update.bias_correction2_sqrt),
             _f32(update.eps),
             _f32(-update.step_size),
             _f32(config.keep_rate),
-            _cuda_scalar_reciprocal(config.keep_rate),
+            rounding.reciprocal(config.keep_rate),
             _f32(1.0 - config.alpha),
             PARAM_BF16=segment.dtype == torch.bfloat16,
             STATE_BF16=update.exp_avg.dtype == torch.bfloat16,
             RESCALE=config.dare_rescale,
-            RECIPROCAL_DIV=segment.is_cuda,
+            RECIPROCAL_DIV=rounding.reciprocal_div,
             CALLS=calls,
             SEARCH_STEPS=max(1, int(thresholds.numel()).bit_length() + 1),
             MASK_BLOCK=rng.BLOCK,

@@ -192,7 +192,7 @@ class ForwardBackward:
             n = len(batch.example_ids)  # the first n sequences: the completions (chosen sides of pairs)
             chosen, chosen_len = seq_logps[:n], lengths[:n]
             loss = sft_loss(chosen, chosen_len)
-            sums = torch.stack([chosen_len.sum(), -chosen.sum().detach(), torch.tensor(float(n))])
+            sums = torch.stack([chosen_len.sum(), -chosen.sum().detach(), seq_logps.new_tensor(float(n))])
         elif self.loss_type == "kto":
             b = len(batch.example_ids)
             ref = batch.reference_logps.to(seq_logps)
@@ -209,8 +209,8 @@ class ForwardBackward:
             des = batch.labels_desirable.float()
             if lo.sft_weight:
                 loss = loss + lo.sft_weight * sft_loss(seq_logps[:b][batch.labels_desirable], lengths[:b][batch.labels_desirable])
-            sums = torch.stack([torch.tensor(float(b)), out.losses.detach().sum(), des.sum(), (out.rewards * des).sum(),
-                                (1 - des).sum(), (out.rewards * (1 - des)).sum(), kl.detach(), torch.tensor(1.0)])
+            sums = torch.stack([seq_logps.new_tensor(float(b)), out.losses.detach().sum(), des.sum(), (out.rewards * des).sum(),
+                                (1 - des).sum(), (out.rewards * (1 - des)).sum(), kl.detach(), seq_logps.new_tensor(1.0)])
         else:
             b = len(batch.example_ids)
             ref = batch.reference_logps.to(seq_logps)
@@ -221,7 +221,7 @@ class ForwardBackward:
             if lo.sft_weight:
                 loss = loss + lo.sft_weight * nll
             sums = torch.stack([
-                torch.tensor(float(b)), out.losses.detach().sum(),
+                seq_logps.new_tensor(float(b)), out.losses.detach().sum(),
                 (out.chosen_rewards > out.rejected_rewards).float().sum(), out.chosen_rewards.sum(),
                 out.rejected_rewards.sum(), (out.chosen_rewards - out.rejected_rewards).sum(),
                 seq_logps[:b].detach().sum(), seq_logps[b:].detach().sum(), nll.detach() * b,

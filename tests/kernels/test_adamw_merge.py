@@ -198,10 +198,10 @@ def test_kernels_compile_for_cuda_with_exact_rounding():
         decay="fp32", neg_step_size="fp32", bc2_sqrt="fp32", inv_bc2_sqrt="fp32", eps="fp32", cut="fp32", capacity="i32",
     )
     dense = dict(PARAM_BF16=False, STATE_BF16=False, WEIGHT_DECAY=True, NEGATE_GRAD=False, LERP_SMALL=True,
-                 MODE=adamw_merge.MODE_ACCUMULATE, CANDIDATES=False, RECIPROCAL_DIV=True, BLOCK=1024)
+                 LERP_FUSED=True, ADDCMUL=adamw_merge.ADDCMUL_PRODUCT_FMA, MODE=adamw_merge.MODE_ACCUMULATE, CANDIDATES=False, RECIPROCAL_DIV=True, BLOCK=1024)
     ptx = _compile_for_h100(adamw_merge._adamw_merge_kernel, dense_signature, dense)
     assert "approx" not in ptx and ".ftz" not in ptx
-    # Per element: mul: v*b2, c*g, sqrt(v)*(1/bc2), q*(-s), p*decay; add: +eps, p+u, acc+u; sub: g-m;
+    # Per element: mul: v*b2, g*g, sqrt(v)*(1/bc2), q*(-s), p*decay; add: +eps, p+u, acc+u; sub: g-m;
     # fma: lerp, addcmul; one sqrt, one division (m / denom).
     per_element = {"mul.rn.f32": 5, "add.rn.f32": 3, "sub.rn.f32": 1, "fma.rn.f32": 2, "sqrt.rn.f32": 1, "div.rn.f32": 1}
     assert _float_ops(ptx) == {op: 8 * count for op, count in per_element.items()}
@@ -253,3 +253,48 @@ def test_cuda_kernel_matches_cuda_engine(method, dtype):
             for key in ("exp_avg", "exp_avg_sq"):
                 assert torch.equal(oa.state[pa[k]][key], ob.state[pb[k]][key]), (k, key)
     assert made[1][1].kernel_counts["fused"] > 0
+
+
+def _devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_torch_rounding_matches_torch_on_fresh_values(device):
+    """The roundings `torch_rounding` reads off a device are torch's on a million other values
+    (Adam-like moments, and moments at zero as at the first step), each form computed in float64
+    on the CPU; every other form misses many of them. (On an H200 with torch 2.11 the probe's
+    values told the forms apart: lerp fused, addcmul fma(c, g*g, v), and a division by a scalar
+    that multiplies by float(1 / c) computed in double, which alone reproduces the counts by which
+    it missed the two other division forms, 1477 and 1714 of 4096.)"""
+    from onmerge_megatron.kernels import adamw_merge as am
+
+    rounding = am.torch_rounding(torch.device(device))
+    assert rounding is not None, am.rounding_misses(torch.device(device))
+    gen = torch.Generator().manual_seed(123)
+    n = 1 << 20
+    g = torch.randn(n, generator=gen) * 3e-3 + 2e-3
+    m = torch.randn(n, generator=gen) * 1e-3
+    v = torch.rand(n, generator=gen) * 1e-5
+    v[::3] = 0.0
+    dev = torch.device(device)
+    w, c, d = am._f32(0.1), am._f32(1 - 0.95), am._f32(0.2236068)
+    lerp = m.to(dev, copy=True).lerp_(g.to(dev), 0.1).cpu()
+    addcmul = v.to(dev, copy=True).addcmul_(g.to(dev), g.to(dev), value=1 - 0.95).cpu()
+    divided = (m.to(dev) / 0.2236068).cpu()
+    diff = (g - m).double()
+    lerp_by = {True: (w * diff + m.double()).float(), False: m + (w * diff).float()}
+    addcmul_by = {
+        am.ADDCMUL_SCALED_FMA: ((c * g).double() * g.double() + v.double()).float(),
+        am.ADDCMUL_PRODUCT_FMA: (c * (g * g).double() + v.double()).float(),
+        am.ADDCMUL_SCALED: v + (c * g) * g,
+        am.ADDCMUL_PRODUCT: v + c * (g * g),
+    }
+    divided_by = {form: (m.double() * am._reciprocal(0.2236068, form)).float()
+                  for form in (am.DIV_RECIPROCAL_OF_FLOAT, am.DIV_RECIPROCAL_OF_DOUBLE)}
+    divided_by[am.DIV_TRUE] = (m.double() / d).float()
+    for chosen, forms, torch_result in ((rounding.lerp_fused, lerp_by, lerp), (rounding.addcmul, addcmul_by, addcmul),
+                                        (rounding.scalar_div, divided_by, divided)):
+        assert int((forms[chosen] != torch_result).sum()) <= 1
+        for other in set(forms) - {chosen}:
+            assert int((forms[other] != torch_result).sum()) > 100, other

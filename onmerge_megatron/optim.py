@@ -31,8 +31,8 @@ from .merging import rng
 from .merging import state as merge_state
 from .merging.config import MergeCheckpointError, OnlineMergeConfig, check_compatible
 from .merging.coords import ShardCoords
-from .merging.indexing import gather
-from .merging.merger import DarePositions, MergeHooks, MergeStats, is_merge_step, merge_segment
+from .merging.indexing import gather, positions
+from .merging.merger import DarePositions, MergeHooks, MergeStats, is_merge_step, merge_segment, segment_top_k
 from .merging.reference import ReferenceDelta, reference_draw
 from .merging.sources import DeltaFn, NameMap, delta_between, delta_from, prepare, weight_source
 from .merging.select import Piece, tensor_thresholds
@@ -132,41 +132,83 @@ class AdamUpdate:
     def top_k_candidates(self, k: int) -> Candidates | None:
         """Positions provably holding the top k of magnitude(), found without computing it: the
         cut comes from the exact magnitudes of a strided sample (as `sparsify.top_k_positions`
-        takes it), and an element is offered when v - r2 m^2 < 0, two cheap passes instead of
-        magnitude()'s six, chunk by chunk in a small buffer.
-
-        Why nothing at or above the cut is left out: magnitude = |m| s / (sqrt(v) / c + eps) <
-        |m| s c / sqrt(v) (eps > 0), so magnitude >= cut implies r2 m^2 > v for r2 = (s c / cut)^2;
-        r2 is raised by 1e-4, far more than the rounding of the few fp32 operations. r2 m^2
-        underflowing needs |m| < 2^-63 / sqrt(r2), where magnitude < cut whenever c * eps > 2^-60
-        (checked); overflow only offers more."""
+        takes it), and an element is offered when v - r2 m^2 < 0 (`_CandidateSearch`), two cheap
+        passes instead of magnitude()'s six, chunk by chunk in a small buffer."""
         n = self.exp_avg.numel()
         if self._dense is not None or n <= 4 * SAMPLE:
             return None
-        sample = self.at(sample_positions(n, self.exp_avg.device)).abs()
+        search = _CandidateSearch.start(self.at(sample_positions(n, self.exp_avg.device)).abs(), n, k, self)
+        if search is None:
+            return None
+        chunk = min(n, CANDIDATE_CHUNK)
+        margin = self.scratch(self.exp_avg[:chunk])[:chunk] if self.scratch is not None else torch.empty_like(self.exp_avg[:chunk])
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            if not search.add(self.exp_avg[start:stop], self.exp_avg_sq[start:stop], start, margin):
+                return None
+        return search.candidates(self)
+
+
+@dataclass
+class _CandidateSearch:
+    """One segment's OnTIES candidates: the positions where v - r2 m^2 < 0, offered chunk by chunk,
+    with the moments there (read while the chunk is in cache, so that the update at the
+    candidates needs no second, scattered pass over memory).
+
+    Why nothing at or above the cut is left out: magnitude = |m| s / (sqrt(v) / c + eps) <
+    |m| s c / sqrt(v) (eps > 0), so magnitude >= cut implies r2 m^2 > v for r2 = (s c / cut)^2;
+    r2 is raised by 1e-4, far more than the rounding of the few fp32 operations. r2 m^2
+    underflowing needs |m| < 2^-63 / sqrt(r2), where magnitude < cut whenever c * eps > 2^-60
+    (checked); overflow only offers more."""
+
+    cut: float
+    r2: float
+    limit: int
+    found: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    moments: list[tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=list)
+    offered: int = 0
+
+    @classmethod
+    def start(cls, sample: torch.Tensor, n: int, k: int, update: AdamUpdate) -> "_CandidateSearch | None":
+        """The search for the top k of n elements, its cut taken from the magnitudes of the
+        segment's `sample_positions` (the cut need not be exact: the proof holds for any cut, and
+        a cut too high leaves fewer than k candidates, which `top_k_among` refuses). None: the
+        whole-segment selection is the cheaper one."""
         cut = cut_from_sample(sample, n, k, CANDIDATE_DEPTH)
         # Many sampled magnitudes equal to the cut (Adam's first step makes them all equal) would
-        # offer most of the segment: the whole-segment selection is cheaper then.
+        # offer most of the segment.
         if int((sample >= cut).sum()) > 2 * CANDIDATE_DEPTH * k / n * sample.numel() + 64:
             return None
         cut = float(cut)
-        if not (math.isfinite(cut) and cut > 0.0 and self.bias_correction2_sqrt * self.eps > 2.0**-60):
+        if not (math.isfinite(cut) and cut > 0.0 and update.bias_correction2_sqrt * update.eps > 2.0**-60):
             return None
-        r2 = (self.step_size * self.bias_correction2_sqrt / cut) ** 2 * (1.0 + 1e-4)
-        chunk = min(n, CANDIDATE_CHUNK)
-        margin = self.scratch(self.exp_avg[:chunk])[:chunk] if self.scratch is not None else torch.empty_like(self.exp_avg[:chunk])
-        below = torch.empty(chunk, dtype=torch.bool, device=margin.device)
-        found, offered = [], 0
-        for start in range(0, n, chunk):
-            stop = min(n, start + chunk)
-            m = self.exp_avg[start:stop]
-            torch.addcmul(self.exp_avg_sq[start:stop], m, m, value=-r2, out=margin[: stop - start])
-            torch.lt(margin[: stop - start], 0.0, out=below[: stop - start])
-            found.append(torch.nonzero(below[: stop - start]).squeeze(1).add_(start))
-            offered += found[-1].numel()
-            if offered > n // 8:  # eps dominates many elements' denominators: the bound is loose here
-                return None
-        return Candidates(torch.cat(found), cut)
+        r2 = (update.step_size * update.bias_correction2_sqrt / cut) ** 2 * (1.0 + 1e-4)
+        return cls(cut, r2, n // 8)
+
+    def add(self, m: torch.Tensor, v: torch.Tensor, start: int, margin: torch.Tensor) -> bool:
+        """Offer the elements of one chunk (moments ``m``, ``v`` at segment positions ``start``
+        on); ``margin`` is a buffer at least as long. False: too many offered, the search is off."""
+        torch.addcmul(v, m, m, value=-self.r2, out=margin[: m.numel()])
+        local = positions(margin[: m.numel()], "<", 0.0)
+        self.moments.append((gather(m, local), gather(v, local)))
+        self.found.append(local.add_(start))
+        self.offered += local.numel()
+        return self.offered <= self.limit  # more: eps dominates many denominators, the bound is loose
+
+    def candidates(self, update: AdamUpdate) -> Candidates:
+        values = update._update(torch.cat([m for m, _ in self.moments]), torch.cat([v for _, v in self.moments]))
+        return Candidates(torch.cat(self.found), self.cut, values)
+
+
+class _Offered(MergeHooks):
+    """The engine's own hooks on a CPU OnTIES merge step: the candidates its dense pass found while
+    it updated the moments (`OnlineMergingAdamW._dense_pass`); None: the search was called off."""
+
+    def __init__(self, candidates: Candidates | None) -> None:
+        self.candidates = candidates
+
+    def top_k_candidates(self, k: int) -> Candidates | None:
+        return self.candidates
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -234,7 +276,7 @@ class _ParamStep:
     step_size: float
     bias_correction2_sqrt: float
     eps: float
-    hooks: list[MergeHooks] | None
+    hooks: list[MergeHooks | None] | None
     updates: list[AdamUpdate] | None
     """Per segment; None when nothing is merged."""
 
@@ -901,20 +943,81 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         step_size: float,
         bias_correction2_sqrt: float,
         config: OnlineMergeConfig,
-    ) -> list[MergeHooks] | None:
+    ) -> list[MergeHooks | None] | None:
         """Weight decay and Adam's moments of one parameter (``data``, its local tensor), the same
         operations in the same order as torch.optim.AdamW's single-tensor path (multiplying by
         exactly 1.0 changes no bit, so that pass is skipped without weight decay).
 
         The hook of fused implementations (kernels/adamw_merge.py): an override may do more in the
         same pass over memory (this step's step-K part, top-k candidates) and returns one
-        `MergeHooks` per segment of the parameter, through which `merge_segment` lets it take over
-        the sparse parts. None: nothing taken over."""
+        `MergeHooks` per segment of the parameter (None for a segment: nothing taken over there),
+        through which `merge_segment` lets it take over the sparse parts. None: nothing taken
+        over. The engine itself does this for OnTIES on a CPU (`_candidate_searches`): reading
+        the moments once for both the update and the candidates saves a pass over memory."""
         if group["maximize"]:
             grad = -grad
         beta1, beta2 = group["betas"]
         if group["weight_decay"] != 0:
             data.mul_(1 - group["lr"] * group["weight_decay"])
-        state["exp_avg"].lerp_(grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        return None
+        searches = self._candidate_searches(param, grad, state, group, step_size, bias_correction2_sqrt, config)
+        live = {i: item for i, item in searches.items() if item[1] is not None}
+        if not live:
+            state["exp_avg"].lerp_(grad, 1 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        else:
+            # OnTIES on a CPU: the moments chunk by chunk (the same element-wise operations), each
+            # chunk offered to the candidate searches while it is in cache, instead of a second
+            # pass over them.
+            g, m, v = grad.reshape(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
+            margin = self._scratch_for(m[:CANDIDATE_CHUNK])
+            for start in range(0, m.numel(), CANDIDATE_CHUNK):
+                stop = min(m.numel(), start + CANDIDATE_CHUNK)
+                g_chunk = g[start:stop]
+                m[start:stop].lerp_(g_chunk, 1 - beta1)
+                v[start:stop].mul_(beta2).addcmul_(g_chunk, g_chunk, value=1 - beta2)
+                for i, (seg, search) in list(live.items()):
+                    lo, hi = max(start, seg.offset), min(stop, seg.offset + seg.coords.numel)
+                    if lo < hi and not search.add(m[lo:hi], v[lo:hi], lo - seg.offset, margin):
+                        del live[i]
+        if not searches:
+            return None
+        hooks: list[MergeHooks | None] = [None] * len(self.segments(param))
+        m, v = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
+        for i, (seg, search) in searches.items():
+            update = AdamUpdate(m[seg.slice], v[seg.slice], step_size, bias_correction2_sqrt, group["eps"])
+            hooks[i] = _Offered(search.candidates(update) if i in live else None)  # None: declined, or called off
+        return hooks
+
+    def _candidate_searches(
+        self,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        step_size: float,
+        bias_correction2_sqrt: float,
+        config: OnlineMergeConfig,
+    ) -> dict[int, tuple[Segment, "_CandidateSearch | None"]]:
+        """The OnTIES candidate searches the dense pass runs on a CPU, per segment index: where a
+        segment's own top k is selected from candidates (`segment_top_k`, K = 1, segments large
+        enough to sample). Their cuts come from the sample positions' moments as this step will
+        leave them, computed on gathered copies. On a GPU the search stays in `AdamUpdate` (a
+        fused kernel does better there). None: the sample shows the candidates would not pay
+        (Adam's first step ties every magnitude), the whole segment is selected over."""
+        if config.method != "ties" or config.merge_every != 1 or grad.device.type != "cpu":
+            return {}
+        beta1, beta2 = group["betas"]
+        g, m, v = grad.reshape(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
+        searches = {}
+        for i, seg in enumerate(self.segments(param)):
+            n = seg.coords.numel
+            k = segment_top_k(config, seg.coords, seg.group is not None)
+            if k is None or n <= 4 * SAMPLE:
+                continue
+            at = sample_positions(n, g.device).add_(seg.offset)
+            g_sample = gather(g, at)
+            m_sample = gather(m, at).lerp_(g_sample, 1 - beta1)
+            v_sample = gather(v, at).mul_(beta2).addcmul_(g_sample, g_sample, value=1 - beta2)
+            update = AdamUpdate(m_sample, v_sample, step_size, bias_correction2_sqrt, group["eps"])
+            searches[i] = (seg, _CandidateSearch.start(update.evaluate().abs_(), n, k, update))
+        return searches

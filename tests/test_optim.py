@@ -384,22 +384,28 @@ def test_replicas_selecting_per_tensor_equal_single_process():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("eps", [1e-8, 3e-3], ids=["eps-small", "eps-dominant"])
-def test_ties_candidates_of_large_segments_match_algorithm_2(eps, monkeypatch):
+@pytest.mark.parametrize("search", ["dense_pass", "update"])
+def test_ties_candidates_of_large_segments_match_algorithm_2(eps, search, monkeypatch):
     """Segments above 4 x SAMPLE elements find OnTIES' top-k among candidates bounded without
-    computing the magnitude (AdamUpdate.top_k_candidates); the kept set must still be the exact
-    top-k of the reference code's dense update, at Adam's all-tied first step (where the
-    candidates decline), with eps dominating many denominators, and with step-K."""
+    computing the magnitude (found by the CPU dense pass while it updates the moments, or by
+    AdamUpdate.top_k_candidates as on a GPU); the kept set must still be the exact top-k of the
+    reference code's dense update, at Adam's all-tied first step (where the candidates decline),
+    with eps dominating many denominators, and with step-K."""
     from onmerge_megatron import optim as optim_module
 
     offered = []
-    original = optim_module.AdamUpdate.top_k_candidates
+    if search == "update":
+        monkeypatch.setattr(optim_module.OnlineMergingAdamW, "_candidate_searches", lambda self, *args: {})
+        original = optim_module.AdamUpdate.top_k_candidates
+    else:
+        original = optim_module._Offered.top_k_candidates
 
     def counting(self, k):
         found = original(self, k)
         offered.append(found is not None)
         return found
 
-    monkeypatch.setattr(optim_module.AdamUpdate, "top_k_candidates", counting)
+    monkeypatch.setattr(optim_module.AdamUpdate if search == "update" else optim_module._Offered, "top_k_candidates", counting)
     shapes = {"big.weight": (300, 400), "vector": (70_000,)}
     gen = torch.Generator().manual_seed(0)
     params = {n: torch.nn.Parameter(torch.randn(s, generator=gen) * 0.1) for n, s in shapes.items()}
@@ -420,3 +426,51 @@ def test_ties_candidates_of_large_segments_match_algorithm_2(eps, monkeypatch):
                 assert torch.equal(run_params[n].detach(), reference.params[n]), (merge_every, n, t)
     assert any(offered), "the candidate path never ran"
     assert not all(offered), "the first step's ties should be selected over the whole segment"
+
+
+@pytest.mark.slow
+def test_ties_candidates_on_a_flat_buffer_of_large_pieces(monkeypatch):
+    """A ZeRO-like flat parameter holding large pieces of two weights (each above 4 x SAMPLE, one
+    cut across two chunks of the candidate pass, 300 elements no segment covers), per-shard
+    OnTIES: the search in the CPU dense pass, the one in AdamUpdate (as on a GPU) and the
+    whole-segment selection (neither) leave bit-identical parameters and moments over 4 steps."""
+    from onmerge_megatron import optim as optim_module
+
+    shapes = {"a": (700, 1000), "b": (900, 800)}
+    pieces = [("a", 100_000, 650_123), ("b", 20_000, 700_000)]  # 550,123 and 680,000 elements
+    gen = torch.Generator().manual_seed(3)
+    base = {n: torch.randn(s, generator=gen) * 0.05 for n, s in shapes.items()}
+    delta = {n: torch.randn(s, generator=gen) * 1e-2 for n, s in shapes.items()}
+    grads = [torch.randn(sum(b - a for _, a, b in pieces) + 300, generator=gen) * 1e-3 for _ in range(4)]
+    config = OnlineMergeConfig(method="ties", keep_rate=0.01, alpha=0.3)
+
+    def run(search: str) -> tuple[torch.Tensor, dict]:
+        with monkeypatch.context() as patch:
+            if search != "dense_pass":
+                patch.setattr(optim_module.OnlineMergingAdamW, "_candidate_searches", lambda self, *args: {})
+            if search == "none":
+                patch.setattr(optim_module.AdamUpdate, "top_k_candidates", lambda self, k: None)
+            flat = torch.nn.Parameter(torch.cat([base[n].reshape(-1)[a:b] for n, a, b in pieces] + [torch.zeros(300)]))
+            opt = OnlineMergingAdamW([("flat", flat)], lr=1e-3, weight_decay=0.01, merge=config)
+            segments, offset = [], 0
+            for n, a, b in pieces:
+                segments.append(Segment(n, ShardCoords.flat_range(shapes[n], a, b), offset))
+                offset += b - a
+            opt.set_segments(flat, segments)
+            opt.set_reference_delta(delta=delta)
+            offered = []
+            original = optim_module._Offered.top_k_candidates
+            patch.setattr(optim_module._Offered, "top_k_candidates", lambda self, k: offered.append(original(self, k)) or offered[-1])
+            for g in grads:
+                flat.grad = g.clone()
+                opt.step()
+            if search == "dense_pass":  # the dense pass offered candidates for both pieces after the first step
+                assert sum(c is not None for c in offered) == 2 * (len(grads) - 1)
+            return flat.detach().clone(), {k: t.clone() for k, t in opt.state[flat].items() if torch.is_tensor(t)}
+
+    fused, state = run("dense_pass")
+    for other in ("update", "none"):
+        params, other_state = run(other)
+        assert torch.equal(fused, params), other
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(state[key], other_state[key]), (other, key)

@@ -106,6 +106,12 @@ class ShardCoords:
 
     def global_index(self, positions: torch.Tensor) -> torch.Tensor:
         """Global flat indices of shard positions (0 = element ``start`` of the local tensor)."""
+        if self.is_contiguous:  # one run of global indices (a whole tensor, a flat range, a row block)
+            return positions.to(torch.int64) + self.global_span()[0]
+        return self._block_global_index(positions)
+
+    def _block_global_index(self, positions: torch.Tensor) -> torch.Tensor:
+        """`global_index` through each block's row-major coordinates (any layout)."""
         local = positions.to(torch.int64) + self.start
         out = torch.empty_like(local)
         gstrides = _strides(self.global_shape)
@@ -133,7 +139,7 @@ class ShardCoords:
             last = min(self.end, block.local_start + block.numel) - 1
             if first > last:
                 continue
-            ends = self.global_index(torch.tensor([first - self.start, last - self.start]))
+            ends = self._block_global_index(torch.tensor([first - self.start, last - self.start]))
             lo = int(ends[0]) if lo is None else min(lo, int(ends[0]))
             hi = int(ends[1]) if hi is None else max(hi, int(ends[1]))
         if lo is None:

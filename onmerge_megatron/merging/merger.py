@@ -25,6 +25,7 @@ import torch
 
 from . import consensus, rng
 from .indexing import add_at, gather
+from .indexing import positions as index_positions
 from .config import OnlineMergeConfig
 from .coords import ShardCoords
 from .reference import ReferenceDelta
@@ -186,27 +187,29 @@ class DarePositions:
     """None: the reference delta's positions are stored (or alpha is 0)."""
 
 
-def _ties_positions(
+def _ties_kept(
     update: Update, config: OnlineMergeConfig, name: str, coords: ShardCoords, tensor_top_k: TensorTopK | None, hooks: MergeHooks
-) -> torch.Tensor:
-    """TIES keep-positions of F(update), from the hooks' candidates where they provably suffice."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TIES keep-positions of F(update) and the update there, from candidates where they provably
+    suffice."""
     k = segment_top_k(config, coords, tensor_top_k is not None)
     if k is not None:
         offered = hooks.top_k_candidates(k)
         if offered is None and hooks is _NO_HOOKS:  # no fused implementation takes part
             offered = update.top_k_candidates(k)
         if offered is not None:
-            # Read off the Update itself, so the kept set is the engine's bit for bit.
-            magnitude = update.at(offered.positions).abs()
-            positions = top_k_among(magnitude, offered, k, coords.global_index)
-            if positions is not None:
+            # Read off the Update itself (or equal to it bit for bit), so the kept set is the engine's.
+            at_offered = offered.values if offered.values is not None else update.at(offered.positions)
+            magnitude = at_offered.abs()
+            chosen = top_k_among(magnitude, offered, k, coords.global_index)
+            if chosen is not None:
                 hooks.top_k_selected(magnitude, k, True)
-                return positions
+                return gather(offered.positions, chosen), gather(at_offered, chosen)
     magnitude = update.magnitude()
     positions = ties_positions(magnitude, config.keep_rate, config.ties_scope, coords, name, tensor_top_k)
     if k is not None:
         hooks.top_k_selected(magnitude, k, False)
-    return positions
+    return positions, update.at(positions)
 
 
 def _merge_dare(
@@ -271,17 +274,22 @@ def apply_ties(
     # term not kept is 0). Both position lists are sorted, so they are aligned by a binary search.
     values, reference_values = values.float(), reference_values.float()
     elect = consensus.sign_weighted if config.sign_election == "weighted" else consensus.sign_unweighted
-    reference_at = torch.zeros_like(values)
-    reference_only = torch.ones_like(reference_positions, dtype=torch.bool)
     if reference_positions.numel():
         slot = torch.searchsorted(reference_positions, positions).clamp_(max=reference_positions.numel() - 1)
-        both = reference_positions[slot] == positions
-        reference_at[both] = reference_values[slot[both]]
-        reference_only[slot[both]] = False
+        both = gather(reference_positions, slot) == positions
+        reference_at = torch.where(both, gather(reference_values, slot), 0.0)
+        # Reference entries no update position met (one spare slot takes the unmatched ones).
+        met = torch.zeros(reference_positions.numel() + 1, dtype=torch.bool, device=positions.device)
+        met.index_fill_(0, torch.where(both, slot, reference_positions.numel()), True)
+        reference_only = index_positions(met[:-1], "==", False)
+    else:
+        reference_at = torch.zeros_like(values)
+        reference_only = reference_positions[:0]
+    only_values = gather(reference_values, reference_only)
     step_update = elect(values, reference_at, config.alpha)
-    step_reference = elect(torch.zeros_like(reference_values[reference_only]), reference_values[reference_only], config.alpha)
+    step_reference = elect(torch.zeros_like(only_values), only_values, config.alpha)
     add_at(param, positions, step_update.to(param.dtype))
-    add_at(param, reference_positions[reference_only], step_reference.to(param.dtype))
+    add_at(param, gather(reference_positions, reference_only), step_reference.to(param.dtype))
     stats.sign_conflicts = consensus.sign_conflicts(values, reference_at)
     stats.merged_sq = step_update.double().square().sum() + step_reference.double().square().sum()
     return stats
@@ -329,8 +337,7 @@ def merge_segment(
     if config.method == "dare":
         stats = _merge_dare(param, update, config, name, coords, step, reference, hooks, dare_positions)
     else:
-        positions = _ties_positions(update, config, name, coords, tensor_top_k, hooks)
-        values = update.at(positions)
+        positions, values = _ties_kept(update, config, name, coords, tensor_top_k, hooks)
         if config.l1_rescale:
             values = l1_rescale(values, update.dense())
         stats = apply_ties(param, positions, values, config, name, coords, step, reference)

@@ -4,7 +4,7 @@ Random (DARE) keep-masks come from `rng.keep_positions`; this module adds the ma
 TIES, with a deterministic tie-break: elements are ordered by (|x| descending, global index
 ascending) and the first k are kept. Adam's first step makes every |update| equal to lr, so
 without that rule the kept set would depend on the sorting algorithm and on the sharding.
-Selection uses `kthvalue` (a linear-time quickselect), never a full sort.
+Selection uses a linear-time select (`indexing.kth_smallest`), never a full sort.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
+
+from .indexing import gather, kth_smallest, positions
 
 if TYPE_CHECKING:
     from .coords import ShardCoords
@@ -42,11 +44,11 @@ def top_k_threshold(magnitude: torch.Tensor, k: int, global_index: IndexMap) -> 
     n = magnitude.numel()
     if k < 1 or k >= n:
         return None
-    value = torch.kthvalue(magnitude, n - k + 1).values
+    value = kth_smallest(magnitude, n - k + 1)
     need = k - int((magnitude > value).sum())
-    ties = torch.nonzero(magnitude == value).squeeze(1)
+    ties = positions(magnitude, "==", float(value))
     tie_index = global_index(ties)
-    index = tie_index.max() if need >= ties.numel() else torch.kthvalue(tie_index, need).values
+    index = tie_index.max() if need >= ties.numel() else kth_smallest(tie_index, need)
     return TopKThreshold(float(value), int(index))
 
 
@@ -54,27 +56,34 @@ def above_threshold(magnitude: torch.Tensor, threshold: TopKThreshold | None, gl
     """Positions kept by a threshold (sorted); all positions when the threshold is None."""
     if threshold is None:
         return torch.arange(magnitude.numel(), device=magnitude.device)
-    kept = torch.nonzero(magnitude >= threshold.magnitude).squeeze(1)
-    tie = magnitude[kept] == threshold.magnitude
+    kept = positions(magnitude, ">=", threshold.magnitude)
+    tie = gather(magnitude, kept) == threshold.magnitude
     if tie.any():
         kept = kept[~tie | (global_index(kept) <= threshold.index)]
     return kept
 
 
 SAMPLE = 1 << 14
-"""Elements in the strided sample `sample_cut` reads (segments above 4x this are sampled)."""
+"""Elements in the strided sample `sample_cut` reads, at most (segments above 4x this are sampled)."""
+SAMPLE_STRIDE = 64
+"""The sample reads at most every 64th element: on a segment of a few hundred thousand elements
+SAMPLE elements would be a sixteenth of it, while a few thousand place the cut well enough."""
+
+
+def _stride(n: int) -> int:
+    return max(n // SAMPLE, SAMPLE_STRIDE)
 
 
 def sample_positions(n: int, device: torch.device | None = None) -> torch.Tensor:
     """The strided sample `sample_cut` reads of a segment of n > 4 * SAMPLE elements."""
-    return torch.arange(0, n, n // SAMPLE, device=device)
+    return torch.arange(0, n, _stride(n), device=device)
 
 
 def cut_from_sample(sample: torch.Tensor, n: int, k: int, depth: float) -> torch.Tensor:
     """`sample_cut` of a large segment from the magnitudes at its `sample_positions` alone."""
     expected = k / n * sample.numel()
     rank = min(sample.numel(), int(depth * expected + 4.0 * expected**0.5 + 16))
-    return torch.kthvalue(sample, sample.numel() - rank + 1).values
+    return kth_smallest(sample, sample.numel() - rank + 1)
 
 
 def sample_cut(magnitude: torch.Tensor, k: int, depth: float) -> torch.Tensor:
@@ -86,9 +95,9 @@ def sample_cut(magnitude: torch.Tensor, k: int, depth: float) -> torch.Tensor:
     """
     n = magnitude.numel()
     if n > 4 * SAMPLE:
-        return cut_from_sample(magnitude[:: n // SAMPLE], n, k, depth)
+        return cut_from_sample(magnitude[:: _stride(n)], n, k, depth)
     rank = min(n, int(depth * k) + 16)
-    return torch.kthvalue(magnitude, n - rank + 1).values
+    return kth_smallest(magnitude, n - rank + 1)
 
 
 CANDIDATE_DEPTH = 1.25
@@ -105,7 +114,7 @@ def _candidates(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     n = magnitude.numel()
     if n <= 4 * SAMPLE:
         return torch.arange(n, device=magnitude.device)
-    candidates = torch.nonzero(magnitude >= sample_cut(magnitude, k, CANDIDATE_DEPTH)).squeeze(1)
+    candidates = positions(magnitude, ">=", float(sample_cut(magnitude, k, CANDIDATE_DEPTH)))
     if candidates.numel() < k:
         return torch.arange(n, device=magnitude.device)
     return candidates
@@ -120,11 +129,15 @@ class Candidates:
     positions: torch.Tensor
     """Sorted ascending (int64)."""
     bound: float
+    values: torch.Tensor | None = None
+    """The update at ``positions``, bit for bit `Update.at(positions)`, where the producer had it at
+    hand (read while its memory was in cache); None: the engine gathers it."""
 
 
 def top_k_among(magnitude: torch.Tensor, candidates: Candidates, k: int, global_index: IndexMap) -> torch.Tensor | None:
     """`top_k_positions` of the whole segment, taken among ``candidates`` alone, whose magnitudes
-    are ``magnitude``; None when the candidates cannot be proven to hold the whole top k."""
+    are ``magnitude``, as indices into the candidates (``candidates.positions[result]`` are the
+    positions); None when the candidates cannot be proven to hold the whole top k."""
     offered = candidates.positions
     if offered.numel() < k:
         return None
@@ -135,7 +148,7 @@ def top_k_among(magnitude: torch.Tensor, candidates: Candidates, k: int, global_
     # can be in the top k, and the tie-break among equal magnitudes is decided among the offered.
     if not kth >= candidates.bound:
         return None
-    return offered[above_threshold(magnitude, threshold, index_of_offered)]
+    return above_threshold(magnitude, threshold, index_of_offered)
 
 
 def top_k_positions(magnitude: torch.Tensor, k: int, global_index: IndexMap) -> torch.Tensor:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import statistics
 import time
 from typing import Any, Callable
@@ -90,10 +91,10 @@ def rotating_gradients(params: dict[str, torch.nn.Parameter], sets: int, gen: to
     shows."""
     grads = [{n: ((torch.randn(p.shape, device=p.device, generator=gen) + 0.5) * 1e-3).to(p.dtype) for n, p in params.items()}
              for _ in range(sets)]
-    turn = iter(range(1 << 62))
+    turn = itertools.cycle(grads)
 
     def next_gradients() -> None:
-        chosen = grads[next(turn) % sets]
+        chosen = next(turn)
         for n, p in params.items():
             p.grad = chosen[n]
 

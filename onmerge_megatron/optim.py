@@ -146,7 +146,7 @@ class AdamUpdate:
             stop = min(n, start + chunk)
             if not search.add(self.exp_avg[start:stop], self.exp_avg_sq[start:stop], start, margin):
                 return None
-        return search.candidates(self)
+        return search.candidates()
 
 
 @dataclass
@@ -164,6 +164,8 @@ class _CandidateSearch:
     cut: float
     r2: float
     limit: int
+    scalars: AdamUpdate
+    """Its step size, bias correction and eps evaluate the update at the candidates."""
     found: list[torch.Tensor] = dataclasses.field(default_factory=list)
     moments: list[tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=list)
     offered: int = 0
@@ -183,7 +185,7 @@ class _CandidateSearch:
         if not (math.isfinite(cut) and cut > 0.0 and update.bias_correction2_sqrt * update.eps > 2.0**-60):
             return None
         r2 = (update.step_size * update.bias_correction2_sqrt / cut) ** 2 * (1.0 + 1e-4)
-        return cls(cut, r2, n // 8)
+        return cls(cut, r2, n // 8, update)
 
     def add(self, m: torch.Tensor, v: torch.Tensor, start: int, margin: torch.Tensor) -> bool:
         """Offer the elements of one chunk (moments ``m``, ``v`` at segment positions ``start``
@@ -195,8 +197,8 @@ class _CandidateSearch:
         self.offered += local.numel()
         return self.offered <= self.limit  # more: eps dominates many denominators, the bound is loose
 
-    def candidates(self, update: AdamUpdate) -> Candidates:
-        values = update._update(torch.cat([m for m, _ in self.moments]), torch.cat([v for _, v in self.moments]))
+    def candidates(self) -> Candidates:
+        values = self.scalars._update(torch.cat([m for m, _ in self.moments]), torch.cat([v for _, v in self.moments]))
         return Candidates(torch.cat(self.found), self.cut, values)
 
 
@@ -982,10 +984,8 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         if not searches:
             return None
         hooks: list[MergeHooks | None] = [None] * len(self.segments(param))
-        m, v = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
-        for i, (seg, search) in searches.items():
-            update = AdamUpdate(m[seg.slice], v[seg.slice], step_size, bias_correction2_sqrt, group["eps"])
-            hooks[i] = _Offered(search.candidates(update) if i in live else None)  # None: declined, or called off
+        for i, (_, search) in searches.items():
+            hooks[i] = _Offered(search.candidates() if i in live else None)  # None: declined, or called off
         return hooks
 
     def _candidate_searches(

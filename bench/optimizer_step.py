@@ -1,10 +1,11 @@
 """Optimizer step time and memory: torch AdamW against OnlineMergingAdamW, in one run.
 
 A ~52M-parameter set with the tensor shapes of a small Llama (vocab 32000, hidden 512, 6 layers,
-gated MLP 1408), a fresh random gradient each step, fp32. Each optimizer runs in a fresh process;
-rounds of all of them are repeated and the ratios to torch AdamW (foreach) reported as the median
-and range over rounds. Prints a Markdown table.
-Run: python bench/optimizer_step.py [--steps N] [--layers L] [--repeats R]
+gated MLP 1408), a fresh random gradient each step, fp32. Step times come from all optimizers
+stepping in turn in one process, round by round; each one's ratio to torch AdamW (foreach) is
+taken per round and reported as the median and quartiles. Memory is measured per optimizer in a
+fresh process. Prints a Markdown table.
+Run: python bench/optimizer_step.py [--steps N] [--layers L]
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import math
 import multiprocessing as mp
-import os
 import statistics
 import time
 
@@ -80,49 +80,80 @@ def build_optimizer(kind: str, merge: dict, params: dict[str, torch.nn.Parameter
     return opt
 
 
-def _measure(kind: str, merge: dict, layers: int, steps: int, out: mp.Queue) -> None:
+WARMUP = 3
+"""Untimed steps before timing: the first creates the state; OnTIES' first merges select over the
+whole tensor (no predicted cut yet, then Adam's all-tied first step), as a run does once."""
+
+
+def _fresh_gradients(grads: list[torch.Tensor], gen: torch.Generator) -> None:
+    # A fresh gradient each step (not timed): with one gradient repeated, Adam's update is the
+    # same in every element and OnTIES' top-k is one big tie, which no training run sees.
+    for g in grads:
+        g.normal_(0.0, 1e-3, generator=gen)
+
+
+def _memory_of(kind: str, merge: dict, layers: int, out: mp.Queue) -> None:
+    """Peak and retained memory of one optimizer over a few steps, in a fresh process."""
     params = make_params(llama_shapes(32000, 512, 1408, layers), seed=0)
     start = _memory("VmRSS")
     opt = build_optimizer(kind, merge, params)
-    opt.step()  # creates the state; not timed
+    opt.step()  # creates the state
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak (VmHWM) so that it covers the steps only
-    times = []
     gen = torch.Generator().manual_seed(2)
-    for _ in range(steps):
-        # A fresh gradient each step (not timed): with one gradient repeated, Adam's update is the
-        # same in every element and OnTIES' top-k is one big tie, which no training run sees.
-        for p in params.values():
-            p.grad.normal_(0.0, 1e-3, generator=gen)
-        begin = time.perf_counter()
+    for _ in range(WARMUP):
+        _fresh_gradients([p.grad for p in params.values()], gen)
         opt.step()
-        times.append(time.perf_counter() - begin)
     peak = _memory("VmHWM") - start
     state_bytes = tensor_bytes(t for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
     # What the optimizer holds between steps (resident memory moves by tens of MiB with the C
     # allocator's caching, more than the differences measured here).
     retained = state_bytes + (opt.buffer_nbytes() if hasattr(opt, "buffer_nbytes") else 0)
     reference = opt.reference_nbytes() if hasattr(opt, "reference_nbytes") else 0
-    out.put({"ms": 1e3 * statistics.median(times), "state": state_bytes, "reference": reference, "peak": peak, "retained": retained})
+    out.put({"state": state_bytes, "reference": reference, "peak": peak, "retained": retained})
 
 
-def run(label: str, kind: str, merge: dict, layers: int, steps: int) -> dict:
-    """Time and measure one optimizer in a fresh process (peak memory is per process)."""
+def _step_times(cases: list[tuple[str, str, dict]], layers: int, steps: int, out: mp.Queue) -> None:
+    """Seconds per step of every optimizer, interleaved step by step in one process (each with its
+    own parameters, all given the same fresh gradient each round), so that a slow spell of the
+    machine hits all of them alike and the per-round ratios to the first stay comparable."""
+    shapes = llama_shapes(32000, 512, 1408, layers)
+    grads = {name: torch.empty(shape) for name, shape in shapes.items()}
+    runs = []
+    for _, kind, merge in cases:
+        params = make_params(shapes, seed=0)
+        for name, p in params.items():
+            p.grad = grads[name]  # read-only to every optimizer here
+        runs.append(build_optimizer(kind, merge, params))
+    gen = torch.Generator().manual_seed(2)
+    times: list[list[float]] = [[] for _ in cases]
+    for step in range(WARMUP + steps):
+        _fresh_gradients(list(grads.values()), gen)
+        for i, opt in enumerate(runs):
+            begin = time.perf_counter()
+            opt.step()
+            if step >= WARMUP:
+                times[i].append(time.perf_counter() - begin)
+        if step >= WARMUP and (step - WARMUP + 1) % 10 == 0:
+            print(f"timed step {step - WARMUP + 1}/{steps}", flush=True)
+    out.put(times)
+
+
+def _in_fresh_process(target, *args):
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    child = ctx.Process(target=_measure, args=(kind, merge, layers, steps, out))
+    child = ctx.Process(target=target, args=(*args, out))
     child.start()
     result = out.get()
     child.join()
-    return {"label": label, **result}
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps of each optimizer, interleaved")
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--keep-rate", type=float, default=0.01)
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of all optimizers; ratios are reported as median and range")
     args = parser.parse_args()
 
     shapes = llama_shapes(32000, 512, 1408, args.layers)
@@ -139,31 +170,29 @@ def main() -> None:
         (f"OnTIES p={p}, top-p per shard", "ours", dict(method="ties", keep_rate=p, alpha=5e-7, ties_scope="shard")),
     ]
     print(f"{n / 1e6:.1f}M parameters in {len(shapes)} tensors, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    # Rounds interleave the optimizers, so that a slow spell of the machine hits all of them alike.
-    rounds = []
-    for r in range(args.repeats):
-        rounds.append([run(label, kind, merge, args.layers, args.steps) for label, kind, merge in cases])
-        print(f"round {r + 1}/{args.repeats} done", flush=True)
+    memory = [_in_fresh_process(_memory_of, kind, merge, args.layers) for _, kind, merge in cases]
+    print("memory measured", flush=True)
+    times = _in_fresh_process(_step_times, cases, args.layers, args.steps)
     print()
-    print("| optimizer | ms/step | vs torch AdamW (foreach): median (range) | peak memory vs AdamW | "
+    print("| optimizer | ms/step | vs torch AdamW (foreach): median (quartiles) | peak memory vs AdamW | "
           "retained above AdamW (% of params) | optimizer state | reference delta (% of params) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for i, (label, _, _) in enumerate(cases):
-        ms = [rnd[i]["ms"] for rnd in rounds]
-        ratios = [rnd[i]["ms"] / rnd[0]["ms"] for rnd in rounds]
-        peak = statistics.median(rnd[i]["peak"] / rnd[0]["peak"] for rnd in rounds)
-        above = statistics.median(rnd[i]["retained"] - rnd[0]["retained"] for rnd in rounds)
-        last = rounds[-1][i]
-        ref = f"{last['reference'] / 2**20:.1f} MiB ({100 * last['reference'] / param_bytes:.2f}%)" if last["reference"] else "-"
+    for (label, _, _), mem, own in zip(cases, memory, times):
+        ratios = [t / base for t, base in zip(own, times[0])]
+        low, mid, high = statistics.quantiles(ratios, n=4)
+        above = mem["retained"] - memory[0]["retained"]
+        ref = f"{mem['reference'] / 2**20:.1f} MiB ({100 * mem['reference'] / param_bytes:.2f}%)" if mem["reference"] else "-"
         print(
-            f"| {label} | {statistics.median(ms):.1f} | {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | "
-            f"{peak:.2f}x | {above / 2**20:+.0f} MiB ({100 * above / param_bytes:+.1f}%) | {last['state'] / 2**20:.0f} MiB | {ref} |"
+            f"| {label} | {1e3 * statistics.median(own):.1f} | {mid:.2f}x ({low:.2f}-{high:.2f}) | "
+            f"{mem['peak'] / memory[0]['peak']:.2f}x | {above / 2**20:+.0f} MiB ({100 * above / param_bytes:+.1f}%) | "
+            f"{mem['state'] / 2**20:.0f} MiB | {ref} |"
         )
     print(
-        f"\nparameters: {param_bytes / 2**20:.0f} MiB fp32 (and as much again in gradients). Peak memory: the "
-        "peak resident memory during the timed steps above the parameters and gradients. Retained: the bytes "
-        "the optimizer holds from one step to the next (state, stored reference delta, work buffers) minus "
-        "torch AdamW's (its two moments). Optimizer state includes the stored reference delta."
+        f"\nparameters: {param_bytes / 2**20:.0f} MiB fp32 (and as much again in gradients). Ratios: per step, to torch "
+        f"AdamW's step of the same round ({args.steps} rounds after {WARMUP} untimed). Peak memory: the peak resident "
+        "memory during the steps after the first, above the parameters and gradients, each optimizer in a fresh "
+        "process. Retained: the bytes the optimizer holds from one step to the next (state, stored reference delta, "
+        "work buffers) minus torch AdamW's (its two moments). Optimizer state includes the stored reference delta."
     )
 
 

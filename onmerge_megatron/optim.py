@@ -36,7 +36,7 @@ from .merging.merger import DarePositions, MergeHooks, MergeStats, is_merge_step
 from .merging.reference import ReferenceDelta, reference_draw
 from .merging.sources import DeltaFn, NameMap, delta_between, delta_from, prepare, weight_source
 from .merging.select import Piece, tensor_thresholds
-from .merging.sparsify import CANDIDATE_DEPTH, SAMPLE, Candidates, TensorTopK, cut_from_sample, sample_positions, top_k_count
+from .merging.sparsify import CANDIDATE_DEPTH, SAMPLE, Candidates, TensorTopK, cut_from_sample, next_cut, sample_positions, top_k_count
 
 STATE_DICT_KEY = "online_merge"
 """Top-level key of `OnlineMergingAdamW.state_dict()` holding the merge config and skipped_steps
@@ -173,19 +173,25 @@ class _CandidateSearch:
     @classmethod
     def start(cls, sample: torch.Tensor, n: int, k: int, update: AdamUpdate) -> "_CandidateSearch | None":
         """The search for the top k of n elements, its cut taken from the magnitudes of the
-        segment's `sample_positions` (the cut need not be exact: the proof holds for any cut, and
-        a cut too high leaves fewer than k candidates, which `top_k_among` refuses). None: the
-        whole-segment selection is the cheaper one."""
+        segment's `sample_positions`. None: the whole-segment selection is the cheaper one."""
         cut = cut_from_sample(sample, n, k, CANDIDATE_DEPTH)
         # Many sampled magnitudes equal to the cut (Adam's first step makes them all equal) would
         # offer most of the segment.
         if int((sample >= cut).sum()) > 2 * CANDIDATE_DEPTH * k / n * sample.numel() + 64:
             return None
-        cut = float(cut)
+        return cls.at_cut(float(cut), n, k, update)
+
+    @classmethod
+    def at_cut(cls, cut: float, n: int, k: int, update: AdamUpdate) -> "_CandidateSearch | None":
+        """The search for the top k of n elements above ``cut`` (it need not be exact: the proof
+        holds for any cut, and a cut too high leaves fewer than k candidates, which `top_k_among`
+        refuses). None: no proof for this cut."""
         if not (math.isfinite(cut) and cut > 0.0 and update.bias_correction2_sqrt * update.eps > 2.0**-60):
             return None
         r2 = (update.step_size * update.bias_correction2_sqrt / cut) ** 2 * (1.0 + 1e-4)
-        return cls(cut, r2, n // 8, update)
+        # Called off past this many candidates (a cut far too low, or eps dominating many
+        # denominators): then the selection over the whole segment is the cheaper one.
+        return cls(cut, r2, max(n // 8, 4 * k + 1024), update)
 
     def add(self, m: torch.Tensor, v: torch.Tensor, start: int, margin: torch.Tensor) -> bool:
         """Offer the elements of one chunk (moments ``m``, ``v`` at segment positions ``start``
@@ -204,13 +210,17 @@ class _CandidateSearch:
 
 class _Offered(MergeHooks):
     """The engine's own hooks on a CPU OnTIES merge step: the candidates its dense pass found while
-    it updated the moments (`OnlineMergingAdamW._dense_pass`); None: the search was called off."""
+    it updated the moments (`OnlineMergingAdamW._dense_pass`; None: no cut predicted yet, or the
+    search was called off), and the cut predicted for the next merge."""
 
-    def __init__(self, candidates: Candidates | None) -> None:
-        self.candidates = candidates
+    def __init__(self, optimizer: "OnlineMergingAdamW", param: torch.Tensor, index: int, candidates: Candidates | None) -> None:
+        self.optimizer, self.param, self.index, self.candidates = optimizer, param, index, candidates
 
     def top_k_candidates(self, k: int) -> Candidates | None:
         return self.candidates
+
+    def top_k_selected(self, magnitude: torch.Tensor, k: int, from_candidates: bool) -> None:
+        self.optimizer.predict_cut(self.param, self.index, magnitude, k)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -381,6 +391,10 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         self._references: dict[torch.Tensor, list[ReferenceDelta]] = {}
         self._stats = MergeStats()
         self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        # OnTIES cuts predicted for the next merge, per parameter and segment index: only a speed
+        # hint (a missing or stale one costs a whole-segment selection, never a different result),
+        # so it is not optimizer state.
+        self._ties_cuts: dict[torch.Tensor, dict[int, float]] = {}
 
     def _scratch_for(self, like: torch.Tensor) -> torch.Tensor:
         """A buffer at least the size of ``like``, reused across tensors and steps (OnTIES only)."""
@@ -388,6 +402,21 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         if key not in self._scratch or self._scratch[key].numel() < like.numel():
             self._scratch[key] = torch.empty(like.numel(), device=like.device, dtype=like.dtype)
         return self._scratch[key]
+
+    def predicted_cut(self, param: torch.Tensor, index: int) -> float | None:
+        """The cut above which the next OnTIES merge of segment ``index`` of ``param`` looks for
+        its top k (`predict_cut`); None: none predicted yet."""
+        return self._ties_cuts.get(param, {}).get(index)
+
+    def predict_cut(self, param: torch.Tensor, index: int, magnitude: torch.Tensor, k: int) -> None:
+        """Predict the next merge's cut from the magnitudes this merge's selection read
+        (`sparsify.next_cut`): after the first merge, the candidates need no sample."""
+        cut = next_cut(magnitude, k)
+        cuts = self._ties_cuts.setdefault(param, {})
+        if math.isfinite(cut) and cut > 0.0:
+            cuts[index] = cut
+        else:
+            cuts.pop(index, None)
 
     # ---------------------------------------------------------------- segments
     def _names(self) -> Iterator[tuple[torch.Tensor, str]]:
@@ -985,7 +1014,7 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
             return None
         hooks: list[MergeHooks | None] = [None] * len(self.segments(param))
         for i, (_, search) in searches.items():
-            hooks[i] = _Offered(search.candidates() if i in live else None)  # None: declined, or called off
+            hooks[i] = _Offered(self, param, i, search.candidates() if i in live else None)
         return hooks
 
     def _candidate_searches(
@@ -999,25 +1028,20 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         config: OnlineMergeConfig,
     ) -> dict[int, tuple[Segment, "_CandidateSearch | None"]]:
         """The OnTIES candidate searches the dense pass runs on a CPU, per segment index: where a
-        segment's own top k is selected from candidates (`segment_top_k`, K = 1, segments large
-        enough to sample). Their cuts come from the sample positions' moments as this step will
-        leave them, computed on gathered copies. On a GPU the search stays in `AdamUpdate` (a
-        fused kernel does better there). None: the sample shows the candidates would not pay
-        (Adam's first step ties every magnitude), the whole segment is selected over."""
+        segment's own top k is selected from candidates (`segment_top_k`, K = 1, segments above
+        4 * SAMPLE elements), above the cut its previous merge predicted (`predict_cut`). None: no
+        cut yet (the first merge, or the first after a resume), the whole segment is selected
+        over. On a GPU the search stays in `AdamUpdate` (a fused kernel does better there)."""
         if config.method != "ties" or config.merge_every != 1 or grad.device.type != "cpu":
             return {}
-        beta1, beta2 = group["betas"]
-        g, m, v = grad.reshape(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
+        m, v = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
         searches = {}
         for i, seg in enumerate(self.segments(param)):
             n = seg.coords.numel
             k = segment_top_k(config, seg.coords, seg.group is not None)
             if k is None or n <= 4 * SAMPLE:
                 continue
-            at = sample_positions(n, g.device).add_(seg.offset)
-            g_sample = gather(g, at)
-            m_sample = gather(m, at).lerp_(g_sample, 1 - beta1)
-            v_sample = gather(v, at).mul_(beta2).addcmul_(g_sample, g_sample, value=1 - beta2)
-            update = AdamUpdate(m_sample, v_sample, step_size, bias_correction2_sqrt, group["eps"])
-            searches[i] = (seg, _CandidateSearch.start(update.evaluate().abs_(), n, k, update))
+            cut = self.predicted_cut(param, i)
+            update = AdamUpdate(m[seg.slice], v[seg.slice], step_size, bias_correction2_sqrt, group["eps"])
+            searches[i] = (seg, _CandidateSearch.at_cut(cut, n, k, update) if cut is not None else None)
         return searches

@@ -428,6 +428,44 @@ def test_ties_candidates_of_large_segments_match_algorithm_2(eps, search, monkey
     assert not all(offered), "the first step's ties should be selected over the whole segment"
 
 
+@pytest.mark.parametrize("scale,serves", [(0.05, False), (0.9, True), (1.0, True), (1.5, False)])
+def test_ties_predicted_cut_never_changes_the_kept_set(scale, serves, monkeypatch):
+    """The CPU search looks above the cut its previous merge predicted; a cut far too low (the
+    search is called off), low (more candidates), right, or too high (the k-th largest offered
+    is below the cut: refused) must all leave the bits of the whole-segment selection, which the
+    Algorithm 2 tests pin; only the path differs."""
+    from onmerge_megatron import optim as optim_module
+
+    gen = torch.Generator().manual_seed(5)
+    start = torch.randn(200, 400, generator=gen) * 0.1
+    delta = {"w": torch.randn(200, 400, generator=gen) * 0.05}
+    grads = [torch.randn(200, 400, generator=gen) * 1e-3 for _ in range(6)]
+
+    def run() -> torch.Tensor:
+        param = torch.nn.Parameter(start.clone())
+        opt = OnlineMergingAdamW([("w", param)], lr=1e-2, merge=OnlineMergeConfig(method="ties", keep_rate=0.01, alpha=0.3))
+        opt.set_reference_delta(delta=delta)
+        for g in grads:
+            param.grad = g.clone()
+            opt.step()
+        return param.detach()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(optim_module.OnlineMergingAdamW, "_candidate_searches", lambda self, *args: {})
+        expected = run()
+    predict = optim_module.next_cut
+    monkeypatch.setattr(optim_module, "next_cut", lambda magnitude, k: predict(magnitude, k) * scale)
+    used = []
+    selected = optim_module._Offered.top_k_selected
+    monkeypatch.setattr(
+        optim_module._Offered, "top_k_selected", lambda self, magnitude, k, from_candidates: used.append(from_candidates) or selected(self, magnitude, k, from_candidates)
+    )
+    assert torch.equal(run(), expected)
+    # Adam's all-tied first two steps select over the whole segment (the third too, with a
+    # cut from the second step's spread of magnitudes lowered 10%).
+    assert used[:2] == [False, False] and used[3:] == [serves] * 3, used
+
+
 @pytest.mark.slow
 def test_ties_candidates_on_a_flat_buffer_of_large_pieces(monkeypatch):
     """A ZeRO-like flat parameter holding large pieces of two weights (each above 4 x SAMPLE, one
@@ -464,8 +502,11 @@ def test_ties_candidates_on_a_flat_buffer_of_large_pieces(monkeypatch):
             for g in grads:
                 flat.grad = g.clone()
                 opt.step()
-            if search == "dense_pass":  # the dense pass offered candidates for both pieces after the first step
-                assert sum(c is not None for c in offered) == 2 * (len(grads) - 1)
+            if search == "dense_pass":
+                # Both pieces select over the whole segment at the first merge (no predicted cut)
+                # and the second (the cut from Adam's all-tied first step offers too many), then
+                # from the dense pass's candidates.
+                assert [c is not None for c in offered] == [False] * 4 + [True] * 2 * (len(grads) - 2)
             return flat.detach().clone(), {k: t.clone() for k, t in opt.state[flat].items() if torch.is_tensor(t)}
 
     fused, state = run("dense_pass")

@@ -99,6 +99,20 @@ def test_sign_consensus_matches_elementwise_transcription(weighted):
     assert torch.equal(rule(u, r, 0.3), ties_consensus(u, r, 0.3, weighted))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_alone_is_either_election_with_no_update(dtype):
+    """Bit for bit, signed zeros included: -0, +0, values whose alpha r underflows, both signs."""
+    tiny = torch.finfo(dtype).tiny
+    gen = torch.Generator().manual_seed(4)
+    r = torch.cat([torch.tensor([-0.0, 0.0, tiny, -tiny, tiny * 1e-3, -1.0, 1.0], dtype=dtype), torch.randn(500, generator=gen, dtype=dtype)])
+    zero = torch.zeros_like(r)
+    for alpha in (0.3, 1e-7, 1.0):
+        alone = consensus.reference_alone(r, alpha)
+        for rule in (consensus.sign_unweighted, consensus.sign_weighted):
+            elected = rule(zero, r, alpha)
+            assert torch.equal(alone, elected) and torch.equal(alone.signbit(), elected.signbit()), (rule.__name__, alpha)
+
+
 def test_sign_conflicts_counts_opposing_kept_pairs():
     u = torch.tensor([1.0, -1.0, 0.0, 2.0])
     r = torch.tensor([-1.0, -2.0, 5.0, -0.5])

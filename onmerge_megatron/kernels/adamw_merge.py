@@ -43,7 +43,7 @@ from ..merging import state as merge_state
 from ..merging.config import OnlineMergeConfig
 from ..merging.merger import MergeHooks, MergeStats, Update, is_merge_step, segment_top_k
 from ..merging.reference import ReferenceDelta, reference_positions
-from ..merging.sparsify import Candidates, sample_cut
+from ..merging.sparsify import Candidates
 from ..optim import AdamUpdate, NonFinite, OnlineMergingAdamW, Segment
 
 try:
@@ -69,10 +69,8 @@ candidate list holds the whole top-k. They differ by at most an ulp per rounded 
 CPU sqrt is off by one ulp at times; a device's scalar division may round differently): fp32
 2^-23 each, bf16 2^-8 each, four roundings, well inside these bounds."""
 
-# OnTIES cut prediction: the next cut sits _CUT_DEPTH * k elements deep, times _CUT_LOWER; the
-# candidate list holds up to _CAPACITY * k + 1024 positions (int64) before the step falls back.
-_CUT_DEPTH = 2.0
-_CUT_LOWER = 0.95
+# The OnTIES candidate list holds up to _CAPACITY * k + 1024 positions (int64) before the step
+# falls back.
 _CAPACITY = 4
 
 
@@ -435,14 +433,6 @@ def _as_kernel_arg(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
 
 
-def _next_cut(magnitude: torch.Tensor, k: int) -> float:
-    """A cut for the next merge: about 2 k elements deep into ``magnitude`` (all of a segment, or
-    its candidates), lowered a little more, because magnitudes drift between steps and a cut that
-    leaves fewer than k candidates costs a fallback, while extra candidates cost little. Rounded
-    to float32 here, so the kernel compares against exactly the cut the proof uses."""
-    return _f32(float(sample_cut(magnitude, k, _CUT_DEPTH)) * _CUT_LOWER)
-
-
 class FusedOnlineMergingAdamW(OnlineMergingAdamW):
     """`OnlineMergingAdamW` whose dense pass runs as one fused Triton kernel per parameter.
 
@@ -491,9 +481,6 @@ class FusedOnlineMergingAdamW(OnlineMergingAdamW):
         pass), how OnDARE updates were applied (in-kernel mask or the engine's), and whether the
         engine's OnTIES selection used the kernel's candidates or why not (for tests and logs; not
         saved). Misses give the same result, only slower."""
-        # Predicted OnTIES cuts per parameter and segment index: only a speed hint (a missing or
-        # stale one costs a fallback, never a different result), so it is not optimizer state.
-        self._ties_cuts: dict[torch.Tensor, dict[int, float]] = {}
         # Per parameter and segment index: OnDARE's fixed reference term (the ReferenceDelta it was
         # built from, positions on the device, alpha * values, squared norm).
         self._reference_terms: dict[torch.Tensor, dict[int, tuple[ReferenceDelta, torch.Tensor, torch.Tensor, float]]] = {}
@@ -604,7 +591,7 @@ class FusedOnlineMergingAdamW(OnlineMergingAdamW):
         """Candidate collection for a segment's OnTIES merge, where the engine consults candidates
         (`segment_top_k`) and a cut was predicted at the previous merge."""
         k = segment_top_k(config, seg.coords, seg.group is not None)
-        cut = self._ties_cuts.get(param, {}).get(index)
+        cut = self.predicted_cut(param, index)
         if k is None or cut is None:
             self.kernel_counts["ties_not_applicable" if k is None else "ties_no_cut"] += 1
             return None
@@ -756,12 +743,7 @@ class _KernelHooks(MergeHooks):
     def top_k_selected(self, magnitude: torch.Tensor, k: int, from_candidates: bool) -> None:
         if from_candidates or self.offered:
             self.optimizer.kernel_counts["ties_fast" if from_candidates else "ties_margin"] += 1
-        cut = _next_cut(magnitude, k)
-        cuts = self.optimizer._ties_cuts.setdefault(self.param, {})
-        if math.isfinite(cut):
-            cuts[self.index] = cut
-        else:
-            cuts.pop(self.index, None)
+        self.optimizer.predict_cut(self.param, self.index, magnitude, k)
 
     def add_dare_update(self, param: torch.Tensor, update: Update, weight: float, stats: MergeStats) -> bool:
         """The keep-mask drawn in the kernel; the kept count and norm summed on the device. Only

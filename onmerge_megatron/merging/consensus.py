@@ -28,6 +28,12 @@ def sign_weighted(update: torch.Tensor, reference: torch.Tensor, alpha: float) -
     return torch.where(agree, a + b, disagree_sum)
 
 
+def reference_alone(reference: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Either election where the update is not kept (0): alpha r, with +0 where that is zero
+    (the elections add +0 there, which turns -0 into +0), in one pass instead of a dozen."""
+    return (reference * alpha).add_(0.0)
+
+
 def sign_conflicts(update: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Positions where both terms are kept and their signs differ (a logged statistic, 0-d tensor)."""
     return ((update * reference) < 0).sum()

@@ -287,7 +287,7 @@ def apply_ties(
         reference_only = reference_positions[:0]
     only_values = gather(reference_values, reference_only)
     step_update = elect(values, reference_at, config.alpha)
-    step_reference = elect(torch.zeros_like(only_values), only_values, config.alpha)
+    step_reference = consensus.reference_alone(only_values, config.alpha)
     add_at(param, positions, step_update.to(param.dtype))
     add_at(param, gather(reference_positions, reference_only), step_reference.to(param.dtype))
     stats.sign_conflicts = consensus.sign_conflicts(values, reference_at)

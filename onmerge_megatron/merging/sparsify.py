@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
+import numpy
 import torch
 
 from .indexing import gather, kth_smallest, positions
@@ -103,6 +104,20 @@ def sample_cut(magnitude: torch.Tensor, k: int, depth: float) -> torch.Tensor:
 CANDIDATE_DEPTH = 1.25
 """How deep below the k-th largest (in multiples of k) the sample's cut for candidates is aimed."""
 
+NEXT_CUT_DEPTH = 1.25
+NEXT_CUT_LOWER = 0.95
+"""A cut predicted for the next merge sits NEXT_CUT_DEPTH * k elements deep into this merge's
+magnitudes, times NEXT_CUT_LOWER: magnitudes drift between steps, and a cut that leaves fewer
+than k candidates costs a whole-segment selection, while extra candidates cost little."""
+
+
+def next_cut(magnitude: torch.Tensor, k: int) -> float:
+    """The cut for a segment's next merge, from the magnitudes this merge's selection read (all
+    of the segment, or its candidates: then the cut is at most a little below this one's and
+    settles at about 1.4 k candidates). Rounded to float32, so that a float32 comparison uses
+    exactly the cut its proof uses. Only a speed hint: any cut gives the same top k."""
+    return float(numpy.float32(float(sample_cut(magnitude, k, NEXT_CUT_DEPTH)) * NEXT_CUT_LOWER))
+
 
 def _candidates(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     """Positions of a superset of the top k, found from a strided sample (no full sort or select).
@@ -134,6 +149,18 @@ class Candidates:
     hand (read while its memory was in cache); None: the engine gathers it."""
 
 
+def _top_k(magnitude: torch.Tensor, k: int, global_index: IndexMap) -> tuple[torch.Tensor, float]:
+    """``above_threshold(magnitude, top_k_threshold(...))`` for 1 <= k < numel, and the k-th
+    largest magnitude. Where exactly k elements reach the k-th largest (no tie across it, the
+    common case) they are the result, without the tie-break's passes."""
+    value = float(kth_smallest(magnitude, magnitude.numel() - k + 1))
+    kept = positions(magnitude, ">=", value)
+    if kept.numel() == k:
+        return kept, value
+    threshold = top_k_threshold(magnitude, k, global_index)
+    return above_threshold(magnitude, threshold, global_index), threshold.magnitude
+
+
 def top_k_among(magnitude: torch.Tensor, candidates: Candidates, k: int, global_index: IndexMap) -> torch.Tensor | None:
     """`top_k_positions` of the whole segment, taken among ``candidates`` alone, whose magnitudes
     are ``magnitude``, as indices into the candidates (``candidates.positions[result]`` are the
@@ -141,14 +168,13 @@ def top_k_among(magnitude: torch.Tensor, candidates: Candidates, k: int, global_
     offered = candidates.positions
     if offered.numel() < k:
         return None
-    index_of_offered = lambda pos: global_index(offered[pos])  # noqa: E731
-    threshold = top_k_threshold(magnitude, k, index_of_offered)
-    kth = threshold.magnitude if threshold is not None else float(magnitude.min())
+    if k == offered.numel():
+        chosen, kth = torch.arange(k, device=offered.device), float(magnitude.min())
+    else:
+        chosen, kth = _top_k(magnitude, k, lambda pos: global_index(offered[pos]))
     # Every element left out is below the bound; if the k-th largest offered is not, none of them
     # can be in the top k, and the tie-break among equal magnitudes is decided among the offered.
-    if not kth >= candidates.bound:
-        return None
-    return above_threshold(magnitude, threshold, index_of_offered)
+    return chosen if kth >= candidates.bound else None
 
 
 def top_k_positions(magnitude: torch.Tensor, k: int, global_index: IndexMap) -> torch.Tensor:
@@ -156,9 +182,7 @@ def top_k_positions(magnitude: torch.Tensor, k: int, global_index: IndexMap) -> 
     if k < 1 or k >= magnitude.numel():
         return torch.arange(magnitude.numel(), device=magnitude.device)
     candidates = _candidates(magnitude, k)
-    sub = magnitude[candidates]
-    index_of_sub = lambda pos: global_index(candidates[pos])  # noqa: E731
-    return candidates[above_threshold(sub, top_k_threshold(sub, k, index_of_sub), index_of_sub)]
+    return gather(candidates, _top_k(gather(magnitude, candidates), k, lambda pos: global_index(candidates[pos]))[0])
 
 
 @dataclass(frozen=True)

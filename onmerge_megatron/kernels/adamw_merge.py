@@ -102,6 +102,18 @@ if triton is not None:
             return x
 
     @triton.jit
+    def _adam_update(m, v, bc2_sqrt, inv_bc2_sqrt, eps, neg_step_size, IS_BF16: tl.constexpr, RECIPROCAL_DIV: tl.constexpr):
+        """AdamUpdate._update: (m / (sqrt(v) / bc2_sqrt + eps)) * (-step_size), rounded per op as
+        the device's torch kernels round (`_TorchRounding`)."""
+        denom = _round(tl.sqrt_rn(v), IS_BF16)
+        if RECIPROCAL_DIV:
+            denom = _round(denom * inv_bc2_sqrt, IS_BF16)
+        else:
+            denom = _round(tl.div_rn(denom, bc2_sqrt), IS_BF16)
+        denom = _round(denom + eps, IS_BF16)
+        return _round(_round(tl.div_rn(m, denom), IS_BF16) * neg_step_size, IS_BF16)
+
+    @triton.jit
     def _store(ptr, offs, x, mask, IS_BF16: tl.constexpr):
         """Store a value already rounded by `_round`."""
         if IS_BF16:
@@ -181,14 +193,7 @@ if triton is not None:
         _store(exp_avg_sq_ptr, offs, v, inb, STATE_BF16)
 
         if MODE != 0 or CANDIDATES:
-            # AdamUpdate._update: (m / (sqrt(v) / bc2_sqrt + eps)) * (-step_size), rounded per op.
-            denom = _round(tl.sqrt_rn(v), STATE_BF16)
-            if RECIPROCAL_DIV:
-                denom = _round(denom * inv_bc2_sqrt, STATE_BF16)
-            else:
-                denom = _round(tl.div_rn(denom, bc2_sqrt), STATE_BF16)
-            denom = _round(denom + eps, STATE_BF16)
-            update = _round(_round(tl.div_rn(m, denom), STATE_BF16) * neg_step_size, STATE_BF16)
+            update = _adam_update(m, v, bc2_sqrt, inv_bc2_sqrt, eps, neg_step_size, STATE_BF16, RECIPROCAL_DIV)
         if MODE != 0:
             acc = tl.load(acc_ptr + offs, mask=inb, other=0.0)
         if WEIGHT_DECAY or MODE != 0:
@@ -280,13 +285,7 @@ if triton is not None:
             local = index - lo
             m = _load_f32(exp_avg_ptr, local, mine, STATE_BF16)
             v = _load_f32(exp_avg_sq_ptr, local, mine, STATE_BF16)
-            denom = _round(tl.sqrt_rn(v), STATE_BF16)
-            if RECIPROCAL_DIV:
-                denom = _round(denom * inv_bc2_sqrt, STATE_BF16)
-            else:
-                denom = _round(tl.div_rn(denom, bc2_sqrt), STATE_BF16)
-            denom = _round(denom + eps, STATE_BF16)
-            update = _round(_round(tl.div_rn(m, denom), STATE_BF16) * neg_step_size, STATE_BF16)
+            update = _adam_update(m, v, bc2_sqrt, inv_bc2_sqrt, eps, neg_step_size, STATE_BF16, RECIPROCAL_DIV)
             if RESCALE:
                 if RECIPROCAL_DIV:
                     update = _round(update * inv_keep_rate, STATE_BF16)

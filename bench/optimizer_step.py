@@ -155,6 +155,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--keep-rate", type=float, default=0.01)
     args = parser.parse_args()
+    if args.steps < 2:
+        parser.error(f"--steps: at least 2 timed steps for the quartiles, got {args.steps}")
 
     shapes = llama_shapes(32000, 512, 1408, args.layers)
     n = sum(math.prod(s) for s in shapes.values())

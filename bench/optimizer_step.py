@@ -15,6 +15,7 @@ import math
 import multiprocessing as mp
 import statistics
 import time
+from typing import Any, Callable
 
 import torch
 
@@ -127,6 +128,7 @@ def _step_times(cases: list[tuple[str, str, dict]], layers: int, steps: int, out
         runs.append(build_optimizer(kind, merge, params))
     gen = torch.Generator().manual_seed(2)
     times: list[list[float]] = [[] for _ in cases]
+    started = time.perf_counter()
     for step in range(WARMUP + steps):
         _fresh_gradients(list(grads.values()), gen)
         for i, opt in enumerate(runs):
@@ -134,12 +136,14 @@ def _step_times(cases: list[tuple[str, str, dict]], layers: int, steps: int, out
             opt.step()
             if step >= WARMUP:
                 times[i].append(time.perf_counter() - begin)
-        if step >= WARMUP and (step - WARMUP + 1) % 10 == 0:
-            print(f"timed step {step - WARMUP + 1}/{steps}", flush=True)
+        if (step + 1) % 10 == 0:
+            per_round = (time.perf_counter() - started) / (step + 1)
+            print(f"round {step + 1}/{WARMUP + steps}: {per_round:.1f} s a round, about {per_round * (WARMUP + steps - step - 1):.0f} s left", flush=True)
     out.put(times)
 
 
-def _in_fresh_process(target, *args):
+def _in_fresh_process(target: Callable[..., None], *args: Any) -> Any:
+    """``target(*args, queue)`` in a spawned process; what it put on the queue."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     child = ctx.Process(target=target, args=(*args, out))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import socket
 import warnings
 
 import torch
@@ -31,10 +30,9 @@ def init_distributed(cfg: TrainConfig) -> None:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
         else:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+            # One process: an in-memory store, so no port is picked (a free port found first can
+            # be taken by another process before the store binds it).
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     # Checkpoint writers die with this rank (see dist_checkpoint.save_dist_checkpoint).
     forked_children_die_with_parent()
     from megatron.core import parallel_state

@@ -201,7 +201,7 @@ class _CandidateSearch:
         self.moments.append((gather(m, local), gather(v, local)))
         self.found.append(local.add_(start))
         self.offered += local.numel()
-        return self.offered <= self.limit  # more: eps dominates many denominators, the bound is loose
+        return self.offered <= self.limit
 
     def candidates(self) -> Candidates:
         values = self.scalars._update(torch.cat([m for m, _ in self.moments]), torch.cat([v for _, v in self.moments]))
@@ -990,7 +990,7 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         if group["weight_decay"] != 0:
             data.mul_(1 - group["lr"] * group["weight_decay"])
-        searches = self._candidate_searches(param, grad, state, group, step_size, bias_correction2_sqrt, config)
+        searches = self._candidate_searches(param, state, group["eps"], step_size, bias_correction2_sqrt, config)
         live = {i: item for i, item in searches.items() if item[1] is not None}
         if not live:
             state["exp_avg"].lerp_(grad, 1 - beta1)
@@ -1018,23 +1018,16 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         return hooks
 
     def _candidate_searches(
-        self,
-        param: torch.Tensor,
-        grad: torch.Tensor,
-        state: dict[str, Any],
-        group: dict[str, Any],
-        step_size: float,
-        bias_correction2_sqrt: float,
-        config: OnlineMergeConfig,
+        self, param: torch.Tensor, state: dict[str, Any], eps: float, step_size: float, bias_correction2_sqrt: float, config: OnlineMergeConfig
     ) -> dict[int, tuple[Segment, "_CandidateSearch | None"]]:
         """The OnTIES candidate searches the dense pass runs on a CPU, per segment index: where a
         segment's own top k is selected from candidates (`segment_top_k`, K = 1, segments above
         4 * SAMPLE elements), above the cut its previous merge predicted (`predict_cut`). None: no
         cut yet (the first merge, or the first after a resume), the whole segment is selected
         over. On a GPU the search stays in `AdamUpdate` (a fused kernel does better there)."""
-        if config.method != "ties" or config.merge_every != 1 or grad.device.type != "cpu":
-            return {}
         m, v = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
+        if config.method != "ties" or config.merge_every != 1 or m.device.type != "cpu":
+            return {}
         searches = {}
         for i, seg in enumerate(self.segments(param)):
             n = seg.coords.numel
@@ -1042,6 +1035,6 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
             if k is None or n <= 4 * SAMPLE:
                 continue
             cut = self.predicted_cut(param, i)
-            update = AdamUpdate(m[seg.slice], v[seg.slice], step_size, bias_correction2_sqrt, group["eps"])
+            update = AdamUpdate(m[seg.slice], v[seg.slice], step_size, bias_correction2_sqrt, eps)
             searches[i] = (seg, _CandidateSearch.at_cut(cut, n, k, update) if cut is not None else None)
         return searches
